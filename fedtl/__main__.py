@@ -1,0 +1,5 @@
+import sys
+
+from fedtl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""The ``fedtl`` command: run simulations, list what exists, plot run directories."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedtl.config import KEYS, ConfigError, resolve
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedtl.results import RunDirectory
+    from fedtl.server_app import RunFailed
+    from fedtl.simulation import LineProgress, TqdmProgress, preflight, simulate
+
+    cfg = resolve(args.config, args.set or [])
+    preflight(cfg)
+    run_dir = RunDirectory.create(cfg, args.out)
+    print(f"fedtl: {cfg.strategy} / {cfg.trainer} on {cfg.dataset} ({cfg.partitioner}, "
+          f"{cfg.num_clients} clients, {cfg.model}), {cfg.num_rounds} rounds -> {run_dir.path}",
+          file=sys.stderr)
+    progress = TqdmProgress() if sys.stderr.isatty() and not args.verbose else LineProgress()
+    try:
+        summary = simulate(cfg, run_dir, progress=progress, verbose=args.verbose)
+    except RunFailed as exc:
+        print(f"fedtl: run failed: {exc}\nfinished rounds are in {run_dir.path}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"\nfedtl: interrupted; finished rounds are in {run_dir.path}", file=sys.stderr)
+        return 130
+    if not args.no_plots:
+        from fedtl.plots import plot_run
+
+        plot_run(run_dir.path)
+    final = summary["final"]
+    shown = {k: final.get(k) for k in ("global_accuracy", "personalized_accuracy",
+                                       "centralized_accuracy", "personalized_accuracy_bottom10")}
+    print(json.dumps({"run_dir": str(run_dir.path), "final": shown,
+                      "wall_seconds": round(summary["wall_seconds"], 1)}))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from fedtl.registry import REGISTRIES
+
+    titles = {"strategy": "strategies", "trainer": "trainers", "dataset": "datasets",
+              "partitioner": "partitioners", "model": "models"}
+    for kind, registry in REGISTRIES.items():
+        print(f"{titles[kind]}:")
+        for name, entry in registry.items():
+            print(f"  {name:<16} {entry.help}")
+        print()
+    print("config keys (--set key=value, TOML run-configs, flwr --run-config):")
+    group = None
+    for key in KEYS.values():
+        if key.group != group:
+            group = key.group
+            print(f"  [{group}]")
+        print(f"  {key.name:<22} {key.default!r:<12} {key.help}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fedtl.plots import plot_compare, plot_run
+
+    for d in args.dirs:
+        if not (Path(d) / "rounds.jsonl").exists():
+            raise ConfigError(f"'{d}' is not a fedtl run directory (no rounds.jsonl)")
+    for d in args.dirs:
+        for path in plot_run(d):
+            print(path)
+    if len(args.dirs) > 1:
+        out = Path(args.out or "compare-accuracy.png")
+        print(plot_compare(args.dirs, out))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtl", description="Federated transfer learning on "
+                                "Flower + Ray: FedAvg and pFedMe over non-IID partitions.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a simulation (no CONFIG: the offline default)")
+    run.add_argument("config", nargs="?", help="TOML run-config (e.g. simulations/x.toml)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config key (repeatable)")
+    run.add_argument("--out", help="run directory (default: out-dir/run-name)")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    run.set_defaults(func=_cmd_run)
+
+    lst = sub.add_parser("list", help="strategies, trainers, datasets, partitioners, models, "
+                         "config keys")
+    lst.set_defaults(func=_cmd_list)
+
+    plot = sub.add_parser("plot", help="draw the figures of run directories")
+    plot.add_argument("dirs", nargs="+", metavar="DIR")
+    plot.add_argument("--out", help="comparison figure for several DIRs "
+                      "(default: compare-accuracy.png)")
+    plot.set_defaults(func=_cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"fedtl: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

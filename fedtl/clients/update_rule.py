@@ -1,0 +1,66 @@
+"""The client's update rule: how local training turns the global model into a reply.
+
+An update rule owns the optimisation loop (FedAvg's local SGD, pFedMe's bi-level solver) and
+the client's persistent state between rounds; the trainer it drives owns the loss. Rules are
+free of Flower types: the ClientApp moves weights and state in and out of messages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import MutableMapping
+
+import torch
+from torch import nn
+
+from fedtl.clients.trainers.base import Trainer
+from fedtl.config import RunConfig
+from fedtl.data import ClientData
+
+# Persistent per-client state: named state dicts kept across rounds (Flower's Context.state).
+ClientState = MutableMapping[str, dict[str, torch.Tensor]]
+
+
+class UpdateRule(ABC):
+    """A client-side federated update rule."""
+
+    def __init__(self, cfg: RunConfig, trainer: Trainer, device: torch.device):
+        self.cfg = cfg
+        self.trainer = trainer
+        self.device = device
+
+    @abstractmethod
+    def train(self, model: nn.Module, data: ClientData, generator: torch.Generator,
+              state: ClientState) -> dict[str, float]:
+        """Train ``model`` in place, starting from the global weights it holds.
+
+        On return ``model`` holds the weights to send back; ``state`` holds what the client
+        keeps. Returns scalar training metrics.
+        """
+
+    @abstractmethod
+    def personalized(self, model: nn.Module, scratch: nn.Module, data: ClientData,
+                     generator: torch.Generator, state: ClientState) -> nn.Module:
+        """The client's personalized model, given the global ``model`` (left unchanged).
+
+        ``scratch`` is a model of the same architecture that may be overwritten and returned.
+        """
+
+
+def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: torch.Generator,
+              steps: int, cfg: RunConfig, device: torch.device) -> float:
+    """``steps`` mini-batch SGD steps on the trainer's loss; returns the mean loss."""
+    if steps == 0:
+        return float("nan")
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    model.train()
+    batches = trainer.batches(data, generator, device)
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = trainer.loss(model, next(batches))
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    return float(total) / steps

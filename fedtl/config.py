@@ -1,0 +1,308 @@
+"""Run configuration: every key fedtl accepts, its default, its type and its check.
+
+One table (``KEYS``) is the single source of truth for the CLI's ``--set``, the TOML
+run-config files in ``simulations/``, and Flower's ``[tool.flwr.app.config]``. Keys are
+kebab-case everywhere. A ``RunConfig`` is immutable once validated; attribute access
+uses snake_case (``cfg.num_clients`` reads ``num-clients``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Value = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names key, value and what is accepted."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its default fixes its type."""
+
+    name: str
+    default: Value
+    help: str
+    group: str
+    check: Callable[[Any], str | None] | None = None
+    registry: str | None = None  # name of the registry whose names this key accepts
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be a fraction in (0, 1]"
+
+
+def _split_fraction(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be a fraction in [0, 1)"
+
+
+def _at_least(lo: int) -> Callable[[int], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _beta(v: float) -> str | None:
+    return None if 0 < v <= 3 else "must be in (0, 3] (1 = plain averaging; the paper tunes up to 2)"
+
+
+def _gpus(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1] (a fraction of one GPU per client)"
+
+
+def _device(v: str) -> str | None:
+    ok = v in ("auto", "cpu") or v == "cuda" or v.startswith("cuda:")
+    return None if ok else "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+_KEYS: list[Key] = [
+    # --- what is run ---------------------------------------------------------------------
+    Key("strategy", "fedavg", "federated algorithm (server strategy + client update rule)",
+        "method", registry="strategy"),
+    Key("trainer", "supervised", "client-side local objective", "method", registry="trainer"),
+    Key("model", "cnn", "model architecture, sized from the dataset", "method", registry="model"),
+    Key("dataset", "digits", "dataset (the source domain for transfer trainers)", "data",
+        registry="dataset"),
+    Key("data-dir", "data", "folder holding the dataset's files in torchvision's layout", "data"),
+    Key("partitioner", "dirichlet", "how the data is split across clients", "data",
+        registry="partitioner"),
+    Key("alpha", 0.5, "Dirichlet concentration (dirichlet: labels; quantity-skew: sizes)", "data",
+        _positive),
+    Key("labels-per-client", 2, "pathological: exact number of labels on each client", "data",
+        _at_least(1)),
+    Key("shards-per-client", 2, "shard: number of label-sorted shards per client", "data",
+        _at_least(1)),
+    Key("min-partition-size", 10, "dirichlet / quantity-skew: fewest samples a client may get",
+        "data", _at_least(1)),
+    Key("val-fraction", 0.15, "share of each client's data held out for validation", "data",
+        _split_fraction),
+    Key("test-fraction", 0.25, "share of each client's data held out for testing", "data",
+        _split_fraction),
+    Key("synthetic-alpha", 0.5, "synthetic: alpha of Synthetic(alpha, beta) (model heterogeneity)",
+        "data", _non_negative),
+    Key("synthetic-beta", 0.5, "synthetic: beta of Synthetic(alpha, beta) (feature heterogeneity)",
+        "data", _non_negative),
+    Key("synthetic-min-samples", 50, "synthetic: samples added to each client's log-normal size",
+        "data", _at_least(5)),
+    # --- federation ----------------------------------------------------------------------
+    Key("num-clients", 10, "number of clients (SuperNodes)", "federation", _at_least(1)),
+    Key("fraction-train", 1.0, "fraction of clients sampled for training each round",
+        "federation", _fraction),
+    Key("num-rounds", 20, "federated rounds", "federation", _at_least(1)),
+    Key("local-steps", 20, "mini-batch steps per client per round (pFedMe: R)", "federation",
+        _at_least(1)),
+    Key("batch-size", 32, "mini-batch size", "federation", _at_least(1)),
+    Key("lr", 0.05, "client learning rate (pFedMe: eta, the local w-update rate)", "federation",
+        _positive),
+    Key("momentum", 0.0, "client SGD momentum (FedAvg local SGD and fine-tuning)", "federation",
+        lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    Key("weight-decay", 0.0, "client L2 weight decay", "federation", _non_negative),
+    Key("seed", 0, "seed for partitions, splits, sampling, initialisation and batches",
+        "federation", _at_least(0)),
+    # --- pFedMe --------------------------------------------------------------------------
+    Key("beta", 1.0, "pFedMe: server mixing w <- (1-beta) w + beta mean(w_i)", "pfedme", _beta),
+    Key("pfedme-lambda", 15.0, "pFedMe: Moreau-envelope regularisation lambda", "pfedme",
+        _positive),
+    Key("personal-lr", 0.09, "pFedMe: inner-solver learning rate for theta (p_lr)", "pfedme",
+        _positive),
+    Key("inner-steps", 5, "pFedMe: inner-solver steps K per mini-batch", "pfedme", _at_least(1)),
+    # --- evaluation ----------------------------------------------------------------------
+    Key("eval-every", 1, "evaluate every N rounds (the last round is always evaluated)",
+        "evaluation", _at_least(1)),
+    Key("finetune-steps", 10, "FedAvg-FT: SGD steps on a client's train split before its "
+        "personalized evaluation", "evaluation", _at_least(0)),
+    # --- simulation ----------------------------------------------------------------------
+    Key("client-num-cpus", 1.0, "CPU cores per simulated client (Ray resource; torch threads)",
+        "simulation", _positive),
+    Key("client-num-gpus", 0.0, "GPU share per simulated client (0.25 = four clients per GPU)",
+        "simulation", _gpus),
+    Key("device", "auto", "where clients train: auto (GPU if this client has a share), cpu, cuda",
+        "simulation", _device),
+    # --- output --------------------------------------------------------------------------
+    Key("out-dir", "runs", "folder under which run directories are created", "output"),
+    Key("run-name", "", "run directory name (empty: strategy-dataset-partitioner-timestamp)",
+        "output"),
+]
+
+KEYS: dict[str, Key] = {k.name: k for k in _KEYS}
+DEFAULTS: dict[str, Value] = {k.name: k.default for k in _KEYS}
+
+
+class RunConfig(Mapping[str, Value]):
+    """A validated, immutable run configuration (kebab-case keys, snake_case attributes)."""
+
+    def __init__(self, values: Mapping[str, Value]):
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Value:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Value:
+        try:
+            return self._values[name.replace("_", "-")]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Value) -> RunConfig:
+        """A copy with snake_case keyword changes applied and validated."""
+        values = dict(self._values)
+        values.update({k.replace("_", "-"): v for k, v in changes.items()})
+        return make_config(values)
+
+    def __repr__(self) -> str:
+        return f"RunConfig({self._values!r})"
+
+
+def _unknown_key_message(name: str, where: str) -> str:
+    close = difflib.get_close_matches(name, KEYS, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{name}' ({where}).{hint} Run 'fedtl list' for the accepted keys."
+
+
+def _coerce(key: Key, value: Any, where: str) -> Value:
+    """Return ``value`` as the key's type, or raise a ConfigError naming both."""
+    want = key.type
+    if isinstance(value, bool) or want is bool:
+        if isinstance(value, bool) and want is bool:
+            return value
+    elif want is float and isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key.name}' = {value!r} ({where}): must be finite")
+        return float(value)
+    elif isinstance(value, want):
+        return value
+    raise ConfigError(
+        f"config key '{key.name}' = {value!r} ({where}): expected {_type_name(want)}, "
+        f"got {_type_name(type(value))}"
+    )
+
+
+def _type_name(t: type) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        t, t.__name__
+    )
+
+
+def parse_override(text: str) -> tuple[str, Value]:
+    """Parse one ``key=value`` from ``--set``; the value is read as its key's type."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected key=value, e.g. --set num-rounds=5")
+    name, raw = (s.strip() for s in text.split("=", 1))
+    if name not in KEYS:
+        raise ConfigError(_unknown_key_message(name, f"--set {text}"))
+    key = KEYS[name]
+    raw_unquoted = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+    try:
+        if key.type is bool:
+            lowered = raw.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return name, lowered in ("true", "1", "yes")
+        if key.type is int:
+            return name, int(raw)
+        if key.type is float:
+            return name, float(raw)
+        return name, raw_unquoted
+    except ValueError:
+        raise ConfigError(
+            f"config key '{name}' = {raw!r} (--set): expected {_type_name(key.type)}"
+        ) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Value]:
+    """Read a flat TOML run-config file; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text") from None
+    for name, value in data.items():
+        if isinstance(value, dict | list):
+            raise ConfigError(
+                f"config file '{path}': '{name}' is a {'table' if isinstance(value, dict) else 'list'}; "
+                "run-config files hold flat key = value pairs"
+            )
+    return data
+
+
+def make_config(
+    values: Mapping[str, Any] = (),
+    *,
+    where: str = "config",
+    ignore_unknown: Iterable[str] = (),
+) -> RunConfig:
+    """Merge ``values`` over the defaults, check every key, and return a RunConfig.
+
+    Raises ConfigError for an unknown key, a wrong type or an impossible value. Checks that
+    need the dataset (labels per client against classes, clients against samples, files in
+    data-dir) are in ``fedtl.preflight``.
+    """
+    merged: dict[str, Value] = dict(DEFAULTS)
+    skip = set(ignore_unknown)
+    for name, value in dict(values).items():
+        if name in skip:
+            continue
+        if name not in KEYS:
+            raise ConfigError(_unknown_key_message(name, where))
+        merged[name] = _coerce(KEYS[name], value, where)
+    for name, value in merged.items():
+        key = KEYS[name]
+        if key.check is not None and (problem := key.check(value)) is not None:
+            raise ConfigError(f"config key '{name}' = {value!r}: {problem}")
+        if key.registry is not None:
+            from fedtl.registry import REGISTRIES  # registry imports no config state
+
+            REGISTRIES[key.registry].check(value, key=name)
+    if merged["val-fraction"] + merged["test-fraction"] >= 1:
+        raise ConfigError(
+            f"config keys 'val-fraction' = {merged['val-fraction']} and 'test-fraction' = "
+            f"{merged['test-fraction']}: together they must leave a training share (sum < 1)"
+        )
+    return RunConfig(merged)
+
+
+def resolve(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then a TOML file, then ``--set key=value`` overrides, validated."""
+    values: dict[str, Value] = {}
+    where = "defaults"
+    if config_file is not None:
+        values.update(read_toml(config_file))
+        where = f"in {config_file}"
+        # Validate the file alone first so its errors name the file.
+        make_config(values, where=where)
+    for text in overrides:
+        name, value = parse_override(text)
+        values[name] = value
+    return make_config(values, where="--set" if overrides else where)
+
+
+def to_record(cfg: RunConfig) -> dict[str, Value]:
+    """The config as a plain dict (for a Flower ConfigRecord or a TOML file)."""
+    return dict(cfg)

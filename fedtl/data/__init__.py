@@ -1,0 +1,151 @@
+"""Data: datasets, their partition across clients, and each client's local splits."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedtl.config import ConfigError, RunConfig
+from fedtl.data.datasets import DatasetSpec, Source
+from fedtl.data.partition import ClientSplit, label_counts, split_client
+from fedtl.registry import DATASETS, MODELS, PARTITIONERS
+
+# The config keys that decide which samples a client holds.
+DATA_KEYS = (
+    "dataset", "data-dir", "partitioner", "alpha", "labels-per-client", "shards-per-client",
+    "min-partition-size", "val-fraction", "test-fraction", "synthetic-alpha", "synthetic-beta",
+    "synthetic-min-samples", "num-clients", "seed",
+)
+
+IMAGE_MODELS = ("cnn", "lenet5", "resnet18")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A client's samples as tensors: normalised inputs and labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's train, validation and test splits."""
+
+    partition_id: int
+    train: Split
+    val: Split
+    test: Split
+
+
+@dataclass
+class FederatedData:
+    """A dataset partitioned across clients."""
+
+    spec: DatasetSpec
+    source: Source
+    splits: list[ClientSplit]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.splits)
+
+    def client(self, partition_id: int) -> ClientData:
+        """Client ``partition_id``'s splits, materialised as tensors."""
+        if not 0 <= partition_id < len(self.splits):
+            raise ValueError(
+                f"partition-id {partition_id} is outside 0..{len(self.splits) - 1}"
+            )
+        split = self.splits[partition_id]
+        pool = self.source.train
+
+        def take(idx: np.ndarray) -> Split:
+            t = torch.from_numpy(idx)
+            return Split(pool.inputs(t), pool.labels(t))
+
+        return ClientData(partition_id, take(split.train), take(split.val), take(split.test))
+
+    def central_test(self) -> Split | None:
+        """The dataset's own test set, for the global model; None where there is none."""
+        test = self.source.test
+        return None if test is None else Split(test.inputs(), test.labels())
+
+    def client_stats(self) -> list[dict]:
+        """Samples per split and label counts per client (what clients report at start)."""
+        labels = self.source.train.y.numpy()
+        k = self.spec.num_classes
+        return [
+            {
+                "partition-id": pid,
+                "num-train": len(s.train),
+                "num-val": len(s.val),
+                "num-test": len(s.test),
+                "label-counts": label_counts(labels, np.concatenate([s.train, s.val, s.test]), k),
+            }
+            for pid, s in enumerate(self.splits)
+        ]
+
+
+def dataset_spec(cfg: RunConfig) -> DatasetSpec:
+    return DATASETS.get(cfg.dataset)
+
+
+def check_compatible(cfg: RunConfig) -> None:
+    """Checks that need the dataset's static facts (no loading). Raises ConfigError."""
+    spec = dataset_spec(cfg)
+    if cfg.partitioner == "pathological" and cfg.labels_per_client > spec.num_classes:
+        raise ConfigError(
+            f"config key 'labels-per-client' = {cfg.labels_per_client}: dataset "
+            f"{cfg.dataset!r} has {spec.num_classes} classes (accepted: 1..{spec.num_classes})"
+        )
+    if spec.train_size is not None and cfg.num_clients > spec.train_size:
+        raise ConfigError(
+            f"config key 'num-clients' = {cfg.num_clients}: more clients than the "
+            f"{spec.train_size} samples of dataset {cfg.dataset!r}"
+        )
+    if cfg.model in IMAGE_MODELS and not spec.is_image:
+        raise ConfigError(
+            f"config key 'model' = {cfg.model!r} needs images but dataset {cfg.dataset!r} "
+            f"has feature vectors of shape {spec.input_shape}. Accepted for it: "
+            + ", ".join(m for m in MODELS if m not in IMAGE_MODELS)
+        )
+    if cfg.partitioner == "natural" and not spec.natural_clients:
+        PARTITIONERS.get("natural")(np.zeros(1, dtype=np.int64), cfg.num_clients, cfg, None)
+
+
+def _data_key(cfg: RunConfig) -> tuple:
+    return tuple(cfg[k] for k in DATA_KEYS)
+
+
+@functools.lru_cache(maxsize=4)
+def _build(key: tuple) -> FederatedData:
+    from fedtl.config import make_config
+
+    cfg = make_config(dict(zip(DATA_KEYS, key)))
+    spec = dataset_spec(cfg)
+    source = spec.load(cfg)
+    labels = source.train.y.numpy()
+    partition = PARTITIONERS.get(cfg.partitioner)
+    parts = partition(labels, cfg.num_clients, cfg, source.client_ids)
+    splits = [split_client(idx, cfg.val_fraction, cfg.test_fraction, cfg.seed, pid)
+              for pid, idx in enumerate(parts)]
+    for pid, s in enumerate(splits):
+        if len(s.train) == 0:
+            raise ConfigError(
+                f"client {pid} got {s.size} samples from partitioner {cfg.partitioner!r}, "
+                "leaving none to train on: use fewer clients, a larger alpha or "
+                "min-partition-size, or smaller val-fraction / test-fraction"
+            )
+    return FederatedData(spec, source, splits)
+
+
+def federated_data(cfg: RunConfig) -> FederatedData:
+    """The dataset of ``cfg`` partitioned across its clients; cached per process."""
+    check_compatible(cfg)
+    return _build(_data_key(cfg))

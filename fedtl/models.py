@@ -1,0 +1,95 @@
+"""Models: plain functions returning ``nn.Module``s sized from the dataset, as torchvision's.
+
+Every model maps a batch of normalised inputs to class logits. ``build_model`` seeds the
+initialisation so that the server's initial global model depends only on ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fedtl.data.datasets import DatasetSpec
+
+
+def _flat(spec: DatasetSpec) -> int:
+    return math.prod(spec.input_shape)
+
+
+def mlr(spec: DatasetSpec) -> nn.Module:
+    """Multinomial logistic regression: one linear layer on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat(spec), spec.num_classes))
+
+
+def dnn(spec: DatasetSpec) -> nn.Module:
+    """pFedMe's DNN: one hidden ReLU layer, 100 units for images, 20 for feature vectors."""
+    hidden = 100 if spec.is_image else 20
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(_flat(spec), hidden), nn.ReLU(), nn.Linear(hidden, spec.num_classes)
+    )
+
+
+def _conv_out(features: nn.Module, spec: DatasetSpec) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *spec.input_shape)).numel())
+
+
+def cnn(spec: DatasetSpec) -> nn.Module:
+    """McMahan et al. (2017)'s CNN: two 5x5 conv layers (32, 64) with 2x2 max-pooling,
+    a 512-unit ReLU layer and the output layer (1.66M parameters on MNIST)."""
+    c = spec.input_shape[0]
+    features = nn.Sequential(
+        nn.Conv2d(c, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    )
+    return nn.Sequential(
+        features, nn.Linear(_conv_out(features, spec), 512), nn.ReLU(),
+        nn.Linear(512, spec.num_classes),
+    )
+
+
+def lenet5(spec: DatasetSpec) -> nn.Module:
+    """LeNet-5: conv5x5x6 - pool - conv5x5x16 - pool - 120 - 84 - classes (ReLU, max-pool).
+
+    28x28 inputs are padded by 2 as in the original 32x32 setting; inputs under 16 pixels
+    wide (8x8 digits) pad the second convolution too.
+    """
+    c, h = spec.input_shape[0], spec.input_shape[1]
+    features = nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2 if h < 32 else 0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=2 if h < 16 else 0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    return nn.Sequential(
+        features, nn.Linear(_conv_out(features, spec), 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, spec.num_classes),
+    )
+
+
+def resnet18(spec: DatasetSpec) -> nn.Module:
+    """torchvision's ResNet-18; for inputs of 32 pixels or fewer the stem is a 3x3 stride-1
+    convolution without max-pooling (the usual CIFAR variant)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(num_classes=spec.num_classes)
+    c, h = spec.input_shape[0], spec.input_shape[1]
+    if h <= 32:
+        model.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif c != 3:
+        model.conv1 = nn.Conv2d(c, 64, 7, stride=2, padding=3, bias=False)
+    return model
+
+
+def build_model(name: str, spec: DatasetSpec, seed: int | None = None) -> nn.Module:
+    """The registered model ``name`` for ``spec``; initialised from ``seed`` when given."""
+    from fedtl.registry import MODELS
+
+    factory = MODELS.get(name)
+    if seed is None:
+        return factory(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(spec)

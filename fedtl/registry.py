@@ -1,0 +1,116 @@
+"""The names fedtl accepts: strategies, trainers, datasets, partitioners and models.
+
+Adding a method is adding its file and one line here. Entries name their implementation as
+``"module:attribute"`` and are imported only when used, so ``fedtl list`` and config errors
+stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered name: where it lives and one line saying what it is."""
+
+    target: str
+    help: str
+
+    def load(self) -> Any:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+class Registry:
+    """Names of one kind (e.g. strategies), each mapped to an implementation."""
+
+    def __init__(self, kind: str, entries: dict[str, Entry]):
+        self.kind = kind
+        self._entries = entries
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def items(self) -> list[tuple[str, Entry]]:
+        return list(self._entries.items())
+
+    def check(self, name: str, key: str | None = None) -> None:
+        """Raise ConfigError unless ``name`` is registered."""
+        if name in self._entries:
+            return
+        from fedtl.config import ConfigError
+
+        close = difflib.get_close_matches(str(name), self._entries, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        accepted = ", ".join(self._entries)
+        raise ConfigError(
+            f"config key '{key or self.kind}' = {name!r}: unknown {self.kind}. "
+            f"Accepted: {accepted}.{hint}"
+        )
+
+    def get(self, name: str) -> Any:
+        """The implementation registered under ``name``."""
+        self.check(name)
+        return self._entries[name].load()
+
+
+STRATEGIES = Registry("strategy", {
+    "fedavg": Entry("fedtl.strategies.fedavg:FEDAVG",
+                    "FedAvg (McMahan et al. 2017): local SGD, sample-weighted averaging; "
+                    "personalized = FedAvg-FT"),
+    "pfedme": Entry("fedtl.strategies.pfedme:PFEDME",
+                    "pFedMe (Dinh et al. 2020): Moreau-envelope bi-level client solver, "
+                    "beta-mixed server update; personalized = theta_i"),
+})
+
+TRAINERS = Registry("trainer", {
+    "supervised": Entry("fedtl.clients.trainers.supervised:SupervisedTrainer",
+                        "cross-entropy on the client's labelled data"),
+})
+
+DATASETS = Registry("dataset", {
+    "digits": Entry("fedtl.data.datasets:DIGITS",
+                    "scikit-learn's 8x8 UCI handwritten digits (1,797 images, offline)"),
+    "synthetic": Entry("fedtl.data.datasets:SYNTHETIC",
+                       "FedProx/pFedMe Synthetic(alpha, beta): 60 features, 10 classes, "
+                       "log-normal client sizes (natural partition)"),
+    "mnist": Entry("fedtl.data.datasets:MNIST", "MNIST through torchvision (data-dir)"),
+    "fashion-mnist": Entry("fedtl.data.datasets:FASHION_MNIST",
+                           "Fashion-MNIST through torchvision (data-dir)"),
+    "cifar10": Entry("fedtl.data.datasets:CIFAR10", "CIFAR-10 through torchvision (data-dir)"),
+})
+
+PARTITIONERS = Registry("partitioner", {
+    "iid": Entry("fedtl.data.partition:iid_partition", "uniformly at random, equal sizes"),
+    "dirichlet": Entry("fedtl.data.partition:dirichlet_partition",
+                       "label skew: per-class shares ~ Dir(alpha) (smaller alpha, more skew)"),
+    "pathological": Entry("fedtl.data.partition:pathological_partition",
+                          "exactly labels-per-client labels on every client"),
+    "shard": Entry("fedtl.data.partition:shard_partition",
+                   "McMahan et al.: label-sorted shards, shards-per-client each"),
+    "quantity-skew": Entry("fedtl.data.partition:quantity_skew_partition",
+                           "IID labels, client sizes ~ Dir(alpha) over clients"),
+    "natural": Entry("fedtl.data.partition:natural_partition",
+                     "the dataset's own clients (synthetic)"),
+})
+
+MODELS = Registry("model", {
+    "mlr": Entry("fedtl.models:mlr", "multinomial logistic regression (one linear layer)"),
+    "dnn": Entry("fedtl.models:dnn", "pFedMe's one-hidden-layer net (784-100-10; 60-20-10)"),
+    "cnn": Entry("fedtl.models:cnn", "McMahan et al.'s CNN: conv5x5x32-pool-conv5x5x64-pool-"
+                 "fc512"),
+    "lenet5": Entry("fedtl.models:lenet5", "LeNet-5: conv5x5x6-pool-conv5x5x16-pool-120-84"),
+    "resnet18": Entry("fedtl.models:resnet18", "torchvision ResNet-18, stem sized to the input"),
+})
+
+REGISTRIES: dict[str, Registry] = {
+    r.kind: r for r in (STRATEGIES, TRAINERS, DATASETS, PARTITIONERS, MODELS)
+}

@@ -1,0 +1,145 @@
+"""The run directory: everything a run produces, written so a crash never half-writes a file.
+
+Layout of ``<out-dir>/<run-name>/``:
+
+- ``config.toml``: the resolved configuration (re-runnable with ``fedtl run config.toml``);
+- ``partition.csv``: samples per split and label counts per client, as clients reported them;
+- ``rounds.jsonl``: one JSON object per round, appended and flushed as each round ends;
+- ``clients.csv``: per-client numbers of the latest evaluated round;
+- ``summary.json``: final and validation-selected ("best") figures, wall time, status;
+- ``model.pt``: the final global weights (a torch state dict);
+- ``plots/``: PNG figures (``fedtl plot DIR`` redraws them).
+
+Whole files are written to a temporary name and renamed into place; rounds are appended one
+line at a time, so a killed run keeps every finished round.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedtl.config import RunConfig
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _csv_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    rows = list(rows)
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.strategy}-{cfg.dataset}-{cfg.partitioner}-{stamp}"
+
+
+class RunDirectory:
+    """Writes (and reads back) the files of one run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, path: str | Path | None = None) -> RunDirectory:
+        """A new, empty run directory: ``path``, or ``out-dir``/``run-name`` made unique."""
+        if path is None:
+            base = Path(cfg.out_dir).expanduser() / (cfg.run_name or default_run_name(cfg))
+            path, n = base, 1
+            while path.exists():
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if any(path.iterdir()):
+            raise FileExistsError(f"run directory {path} is not empty")
+        run_dir = cls(path)
+        run_dir.write_config(cfg)
+        return run_dir
+
+    # --- writing --------------------------------------------------------------------------
+
+    def write_config(self, cfg: RunConfig) -> None:
+        atomic_write(self.path / "config.toml", tomli_w.dumps(dict(cfg)).encode())
+
+    def write_partition(self, stats: list[dict]) -> None:
+        rows = []
+        for s in stats:
+            row = {k: v for k, v in s.items() if k != "label-counts"}
+            row.update({f"label-{i}": c for i, c in enumerate(s["label-counts"])})
+            rows.append(row)
+        atomic_write(self.path / "partition.csv", _csv_bytes(rows))
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_clients(self, rows: list[Mapping[str, Any]]) -> None:
+        atomic_write(self.path / "clients.csv", _csv_bytes(rows))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        atomic_write(self.path / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+    def save_model(self, state_dict: Mapping[str, Any]) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(dict(state_dict), buf)
+        atomic_write(self.path / "model.pt", buf.getvalue())
+
+    # --- reading --------------------------------------------------------------------------
+
+    def rounds(self) -> list[dict]:
+        path = self.path / "rounds.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by a kill; every line before it is whole
+        return out
+
+    def summary(self) -> dict:
+        return json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+
+    def config(self) -> dict:
+        import tomllib
+
+        return tomllib.loads((self.path / "config.toml").read_text(encoding="utf-8"))
+
+    def table(self, name: str) -> list[dict[str, str]]:
+        path = self.path / name
+        if not path.exists():
+            return []
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))

@@ -1,0 +1,334 @@
+"""fedtl's Flower ServerApp: the round loop, evaluation and the run directory.
+
+The loop calls the strategy's four steps (configure_train, aggregate_train,
+configure_evaluate, aggregate_evaluate) itself rather than ``Strategy.start`` so that it can
+evaluate every ``eval-every`` rounds, record per-client results and failures, show progress,
+and write each finished round to disk before the next begins.
+
+A run starts with a ``query.describe`` message to every client: clients report their partition
+id, split sizes and label counts. The strategy samples by partition id (reproducible from the
+seed), and the partition statistics in the run directory are what the clients really hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedtl.config import ConfigError, RunConfig, make_config
+from fedtl.data import dataset_spec
+from fedtl.evaluation import pooled, score, spread
+from fedtl.models import build_model
+from fedtl.registry import STRATEGIES
+from fedtl.results import RunDirectory
+
+log = logging.getLogger("fedtl")
+
+CONNECT_TIMEOUT = 600.0  # seconds to wait for the SuperNodes of a deployment to connect
+REPLY_TIMEOUT = 24 * 3600.0
+
+
+class RunFailed(RuntimeError):
+    """The federation cannot go on (e.g. no client replied); finished rounds are on disk."""
+
+
+class Progress(Protocol):
+    def start(self, total: int) -> None: ...
+    def update(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class LogProgress:
+    """One log line per round (``flwr run --stream`` shows it)."""
+
+    def start(self, total: int) -> None:
+        self.total = total
+
+    def update(self, record: dict) -> None:
+        log.info("%s", round_line(record, self.total))
+
+    def close(self) -> None:
+        pass
+
+
+def round_line(record: dict, total: int) -> str:
+    parts = [f"round {record['round']}/{total}"]
+    for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "personalized"),
+                       ("centralized_accuracy", "central")):
+        if record.get(key) is not None:
+            parts.append(f"{label} {record[key]:.4f}")
+    if record.get("failures"):
+        parts.append(f"{len(record['failures'])} failed")
+    return "  ".join(parts)
+
+
+@dataclass
+class ClientInfo:
+    node_id: int
+    partition_id: int
+    stats: dict
+
+
+def _bytes(arrays: ArrayRecord) -> int:
+    return int(arrays.count_bytes())
+
+
+def _failures(replies: Iterable[Message], clients: dict[int, ClientInfo], stage: str) -> list[dict]:
+    out = []
+    for m in replies:
+        if m.has_error():
+            info = clients.get(m.metadata.src_node_id)
+            out.append({
+                "partition_id": info.partition_id if info else None,
+                "node_id": m.metadata.src_node_id, "stage": stage, "reason": m.error.reason,
+            })
+    return out
+
+
+def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo], list[dict]]:
+    """Ask every connected node for its partition and split sizes; wait for all of them."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while len(node_ids := sorted(grid.get_node_ids())) < cfg.num_clients:
+        if time.monotonic() > deadline:
+            raise RunFailed(
+                f"only {len(node_ids)} of num-clients={cfg.num_clients} SuperNodes connected "
+                f"within {CONNECT_TIMEOUT:.0f} s"
+            )
+        time.sleep(0.5)
+    config = ConfigRecord(dict(cfg))
+    messages = [Message(RecordDict({"config": config}), dst_node_id=n,
+                        message_type="query.describe") for n in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+    clients: dict[int, ClientInfo] = {}
+    failures = []
+    for m in replies:
+        if m.has_error():
+            failures.append({"node_id": m.metadata.src_node_id, "stage": "describe",
+                             "reason": m.error.reason, "partition_id": None})
+            continue
+        stats = dict(m.content["stats"])
+        pid = int(stats["partition-id"])
+        stats["label-counts"] = [int(c) for c in stats["label-counts"]]
+        clients[m.metadata.src_node_id] = ClientInfo(m.metadata.src_node_id, pid, stats)
+    if not clients:
+        reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
+        raise RunFailed(f"no client could describe its data: {reasons}")
+    seen = [c.partition_id for c in clients.values()]
+    if len(set(seen)) != len(seen):
+        raise RunFailed("two SuperNodes report the same partition-id; give each its own")
+    return clients, failures
+
+
+def client_rows(replies: list[Message], clients: dict[int, ClientInfo]) -> list[dict]:
+    """Per-client evaluation numbers from evaluate replies, in partition order."""
+    rows = []
+    for m in replies:
+        if m.has_error() or m.metadata.src_node_id not in clients:
+            continue
+        info = clients[m.metadata.src_node_id]
+        r = m.content["metrics"]
+        row: dict[str, Any] = {"partition_id": info.partition_id,
+                               "num_train": info.stats["num-train"]}
+        for split in ("test", "val"):
+            total = int(r[f"{split}-total"])
+            row[f"{split}_total"] = total
+            for kind in ("global", "personalized"):
+                correct = int(r[f"{split}-correct-{kind}"])
+                row[f"{split}_correct_{kind}"] = correct
+                row[f"{split}_loss_{kind}"] = float(r[f"{split}-loss-{kind}"])
+                row[f"{split}_{kind}_accuracy"] = correct / total if total else float("nan")
+        rows.append(row)
+    return sorted(rows, key=lambda row: row["partition_id"])
+
+
+def summarize_round(rows: list[dict]) -> dict[str, Any]:
+    """Pooled and per-client accuracy of the global and personalized models."""
+    out: dict[str, Any] = {"clients_evaluated": len(rows)}
+    for kind in ("global", "personalized"):
+        test_correct = [r[f"test_correct_{kind}"] for r in rows]
+        test_total = [r["test_total"] for r in rows]
+        out[f"{kind}_accuracy"] = pooled(test_correct, test_total)
+        n = sum(test_total)
+        out[f"{kind}_loss"] = sum(r[f"test_loss_{kind}"] for r in rows) / n if n else None
+        out[f"{kind}_val_accuracy"] = pooled([r[f"val_correct_{kind}"] for r in rows],
+                                             [r["val_total"] for r in rows])
+        s = spread([r[f"test_{kind}_accuracy"] for r in rows])
+        out[f"{kind}_accuracy_mean"] = s["mean"]
+        out[f"{kind}_accuracy_std"] = s["std"]
+        out[f"{kind}_accuracy_bottom10"] = s["bottom10"]
+    compared = [r for r in rows if r["test_total"]]
+    hurt = [r for r in compared if r["test_personalized_accuracy"] < r["test_global_accuracy"]]
+    out["personalization_hurts_share"] = len(hurt) / len(compared) if compared else None
+    return out
+
+
+FINAL_KEYS = (
+    "global_accuracy", "global_accuracy_mean", "global_accuracy_std", "global_accuracy_bottom10",
+    "personalized_accuracy", "personalized_accuracy_mean", "personalized_accuracy_std",
+    "personalized_accuracy_bottom10", "centralized_accuracy", "global_val_accuracy",
+    "personalized_val_accuracy", "personalization_hurts_share",
+)
+
+
+def select_best(rounds: list[dict]) -> dict[str, Any]:
+    """Figures at the rounds chosen on VALIDATION accuracy: the global model's figures at the
+    round of best global validation accuracy, the personalized model's at the round of best
+    personalized validation accuracy. Ties go to the earlier round."""
+    evaluated = [r for r in rounds if r.get("evaluated")]
+    if not evaluated:
+        return {}
+
+    def pick(kind: str) -> dict:
+        valued = [r for r in evaluated if r.get(f"{kind}_val_accuracy") is not None]
+        if not valued:
+            return evaluated[-1]
+        return max(valued, key=lambda r: (r[f"{kind}_val_accuracy"], -r["round"]))
+
+    g, p = pick("global"), pick("personalized")
+    best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
+                            "personalized_round": p["round"]}
+    for key in FINAL_KEYS:
+        source = p if key.startswith("personaliz") else g
+        best[key] = source.get(key)
+    return best
+
+
+def build_summary(cfg: RunConfig, rounds: list[dict], status: str, wall: float,
+                  error: str | None = None) -> dict[str, Any]:
+    evaluated = [r for r in rounds if r.get("evaluated")]
+    last = evaluated[-1] if evaluated else {}
+    final = {"round": last.get("round")}
+    final.update({k: last.get(k) for k in FINAL_KEYS})
+    return {
+        "status": status,
+        "error": error,
+        "strategy": cfg.strategy, "trainer": cfg.trainer, "dataset": cfg.dataset,
+        "model": cfg.model, "partitioner": cfg.partitioner, "num_clients": cfg.num_clients,
+        "rounds_completed": rounds[-1]["round"] if rounds else 0,
+        "num_rounds": cfg.num_rounds,
+        "final": final,
+        "best": select_best(rounds),
+        "wall_seconds": wall,
+        "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
+        "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Run ``num-rounds`` rounds of ``cfg``'s algorithm on the nodes of ``grid``.
+
+    Writes the run directory as it goes and returns the summary. Raises RunFailed when the
+    federation cannot continue; the summary then says so and finished rounds stay on disk.
+    """
+    started = time.perf_counter()
+    progress = progress or LogProgress()
+    rounds: list[dict] = []
+    spec = dataset_spec(cfg)
+    try:
+        clients, describe_failures = describe_clients(grid, cfg)
+        run_dir.write_partition(sorted((c.stats for c in clients.values()),
+                                       key=lambda s: s["partition-id"]))
+        central = spec.load(cfg).test if spec.has_central_test else None
+        strategy = STRATEGIES.get(cfg.strategy).make_strategy(
+            cfg, {n: c.partition_id for n, c in clients.items()})
+        model = build_model(cfg.model, spec, seed=cfg.seed)
+        arrays = ArrayRecord(model.state_dict())
+        progress.start(cfg.num_rounds)
+        startup = time.perf_counter() - started
+        for rnd in range(1, cfg.num_rounds + 1):
+            t0 = time.perf_counter()
+            record: dict[str, Any] = {"round": rnd}
+            failures = list(describe_failures) if rnd == 1 else []
+
+            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(cfg)), grid))
+            sent = _bytes(arrays) * len(messages)
+            replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+            failures += _failures(replies, clients, "train")
+            ok = [m for m in replies if not m.has_error()]
+            received = sum(_bytes(m.content["arrays"]) for m in ok)
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
+            if new_arrays is None:
+                reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
+                raise RunFailed(f"round {rnd}: no client returned weights ({reasons})")
+            arrays = new_arrays
+            record["clients_trained"] = len(ok)
+            record["train_loss"] = _clean(train_metrics.get("train-loss")) if train_metrics else None
+
+            evaluated = rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds
+            record["evaluated"] = evaluated
+            if evaluated:
+                messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(cfg)),
+                                                            grid))
+                sent += _bytes(arrays) * len(messages)
+                replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+                failures += _failures(replies, clients, "evaluate")
+                strategy.aggregate_evaluate(rnd, [m for m in replies if not m.has_error()])
+                rows = client_rows(replies, clients)
+                record.update(summarize_round(rows))
+                record["centralized_accuracy"] = None
+                if central is not None:
+                    model.load_state_dict(arrays.to_torch_state_dict())
+                    s = score(model, central.inputs(), central.labels())
+                    record["centralized_accuracy"] = s.accuracy
+                    record["centralized_loss"] = s.loss_sum / s.total
+                run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
+
+            record["failures"] = failures
+            record["bytes_sent"] = sent
+            record["bytes_received"] = received
+            record["round_seconds"] = time.perf_counter() - t0
+            record["wall_seconds"] = time.perf_counter() - started
+            record = {k: _clean(v) for k, v in record.items()}
+            rounds.append(record)
+            run_dir.append_round(record)
+            progress.update(record)
+        run_dir.save_model(arrays.to_torch_state_dict())
+        summary = build_summary(cfg, rounds, "completed", time.perf_counter() - started)
+        summary["startup_seconds"] = startup
+        run_dir.write_summary(summary)
+        return summary
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        summary = build_summary(cfg, rounds, status, time.perf_counter() - started,
+                                error=f"{type(exc).__name__}: {exc}")
+        run_dir.write_summary(summary)
+        raise
+    finally:
+        progress.close()
+
+
+# --- the Flower ServerApp (``flwr run .``) --------------------------------------------------
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Read the run config Flower passes, run the federation, write the run directory."""
+    try:
+        cfg = make_config(dict(context.run_config), where="Flower run-config")
+    except ConfigError as exc:
+        log.error("fedtl: %s", exc)
+        raise
+    run_dir = RunDirectory.create(cfg)
+    log.info("fedtl: writing %s", run_dir.path.resolve())
+    summary = run_federation(grid, cfg, run_dir, LogProgress())
+    from fedtl.plots import plot_run
+
+    plot_run(run_dir.path)
+    log.info("fedtl: done in %.1f s: final %s", summary["wall_seconds"], summary["final"])

@@ -1,0 +1,51 @@
+"""pFedMe's server (Dinh et al., NeurIPS 2020): FedAvg whose update mixes with beta.
+
+w <- (1 - beta) * w + beta * (sample-weighted mean of the sampled clients' w_i). beta = 1 is
+plain averaging; the paper's tuned runs use beta = 2. Only the sampled clients train each
+round (the official code trains all and aggregates the sampled ones); a client's personalized
+theta_i is the one from the last round it trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+
+from fedtl.config import RunConfig
+from fedtl.strategies import Algorithm
+from fedtl.strategies.fedavg import FedAvg
+
+
+def mix(previous: ArrayRecord, average: ArrayRecord, beta: float) -> ArrayRecord:
+    """(1 - beta) * previous + beta * average, key by key, in the dtypes of ``previous``."""
+    out = {}
+    for key, avg in average.items():
+        old = previous[key].numpy()
+        out[key] = Array(((1.0 - beta) * old + beta * avg.numpy()).astype(old.dtype))
+    return ArrayRecord(out)
+
+
+class PFedMe(FedAvg):
+    """pFedMe: FedAvg's sampling and averaging, then w <- (1 - beta) w + beta mean(w_i)."""
+
+    def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0,
+                 beta: float = 1.0):
+        super().__init__(clients=clients, seed=seed, fraction_train=fraction_train)
+        self.beta = beta
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, clients: Mapping[int, int]) -> PFedMe:
+        return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train,
+                   beta=cfg.beta)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the clients' w_i, then mix with the previous global model by beta."""
+        average, metrics = super().aggregate_train(server_round, replies)
+        if average is None or self._global is None or self.beta == 1.0:
+            return average, metrics
+        return mix(self._global, average, self.beta), metrics
+
+
+PFEDME = Algorithm(PFedMe.from_config, "fedtl.clients.pfedme:PFedMeSolver")
