@@ -76,6 +76,15 @@ class ClientInfo:
     stats: dict
 
 
+def error_reason(message: Message) -> str:
+    """The readable part of a client's error reply (Flower wraps the exception text)."""
+    reason = message.error.reason
+    marker = "Message: "
+    if marker in reason:
+        reason = reason.split(marker, 1)[1]
+    return reason.strip().strip("'>").strip()
+
+
 def _bytes(arrays: ArrayRecord) -> int:
     return int(arrays.count_bytes())
 
@@ -87,31 +96,50 @@ def _failures(replies: Iterable[Message], clients: dict[int, ClientInfo], stage:
             info = clients.get(m.metadata.src_node_id)
             out.append({
                 "partition_id": info.partition_id if info else None,
-                "node_id": m.metadata.src_node_id, "stage": stage, "reason": m.error.reason,
+                "node_id": m.metadata.src_node_id, "stage": stage, "reason": error_reason(m),
             })
     return out
 
 
+def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> list[Message]:
+    config = ConfigRecord(dict(cfg))
+    messages = [Message(RecordDict({"config": config}), dst_node_id=n,
+                        message_type="query.describe") for n in node_ids]
+    return list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+
+
 def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo], list[dict]]:
-    """Ask every connected node for its partition and split sizes; wait for all of them."""
-    deadline = time.monotonic() + CONNECT_TIMEOUT
+    """Ask every connected node for its partition and split sizes; wait for all of them.
+
+    If fewer than ``num-clients`` nodes are connected after a few seconds, the connected ones
+    are asked once: when all of them refuse the run (e.g. the federation has a different
+    number of partitions), the run stops with their reason instead of waiting.
+    """
+    started = time.monotonic()
+    probed = False
+    next_note = started + 10
     while len(node_ids := sorted(grid.get_node_ids())) < cfg.num_clients:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if not probed and node_ids and now - started > 3:
+            probed = True
+            replies = _describe(grid, cfg, node_ids)
+            if replies and all(m.has_error() for m in replies):
+                raise RunFailed(f"clients refused the run: {error_reason(replies[0])}")
+        if now - started > CONNECT_TIMEOUT:
             raise RunFailed(
                 f"only {len(node_ids)} of num-clients={cfg.num_clients} SuperNodes connected "
                 f"within {CONNECT_TIMEOUT:.0f} s"
             )
+        if now > next_note:
+            log.info("waiting for SuperNodes: %d of %d connected", len(node_ids), cfg.num_clients)
+            next_note = now + 30
         time.sleep(0.5)
-    config = ConfigRecord(dict(cfg))
-    messages = [Message(RecordDict({"config": config}), dst_node_id=n,
-                        message_type="query.describe") for n in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
     clients: dict[int, ClientInfo] = {}
     failures = []
-    for m in replies:
+    for m in _describe(grid, cfg, node_ids):
         if m.has_error():
             failures.append({"node_id": m.metadata.src_node_id, "stage": "describe",
-                             "reason": m.error.reason, "partition_id": None})
+                             "reason": error_reason(m), "partition_id": None})
             continue
         stats = dict(m.content["stats"])
         pid = int(stats["partition-id"])
@@ -320,15 +348,23 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config Flower passes, run the federation, write the run directory."""
+    if not log.handlers:  # Flower's own logger shows only its messages
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedtl: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
         cfg = make_config(dict(context.run_config), where="Flower run-config")
     except ConfigError as exc:
-        log.error("fedtl: %s", exc)
+        log.error("%s", exc)
         raise
     run_dir = RunDirectory.create(cfg)
-    log.info("fedtl: writing %s", run_dir.path.resolve())
+    log.info("writing %s", run_dir.path.resolve())
     summary = run_federation(grid, cfg, run_dir, LogProgress())
     from fedtl.plots import plot_run
 
     plot_run(run_dir.path)
-    log.info("fedtl: done in %.1f s: final %s", summary["wall_seconds"], summary["final"])
+    final = summary["final"]
+    log.info("done in %.1f s: global accuracy %s, personalized accuracy %s",
+             summary["wall_seconds"], final["global_accuracy"], final["personalized_accuracy"])

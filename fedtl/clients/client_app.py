@@ -70,8 +70,9 @@ def _partition(context: Context, cfg: RunConfig) -> int:
     num = int(node.get("num-partitions", cfg.num_clients))
     if num != cfg.num_clients:
         raise ValueError(
-            f"the federation has num-partitions={num} but the run config has "
-            f"num-clients={cfg.num_clients}; set them equal"
+            f"the federation has {num} SuperNodes (num-partitions) but the run config has "
+            f"num-clients={cfg.num_clients}; make them equal, e.g. flwr run . --run-config "
+            f"\"num-clients={num}\" or --federation-config \"num-supernodes={cfg.num_clients}\""
         )
     return pid
 

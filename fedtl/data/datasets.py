@@ -149,15 +149,18 @@ def _torchvision(cls_name: str, folder: str, files: list[str], mean: tuple, std:
             train = cls(root=str(root), train=True, download=download)
             test = cls(root=str(root), train=False, download=download)
         except Exception as exc:  # torchvision raises RuntimeError / URLError / OSError
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
             if missing:
                 raise ConfigError(
-                    f"config key 'data-dir' = {cfg.data_dir!r}: no {cls_name} files there and "
-                    f"the download failed ({type(exc).__name__}: {exc}). Expected torchvision's "
-                    f"layout: {root / folder}/{{{', '.join(missing)}}}"
+                    f"config key 'data-dir' = {cfg.data_dir!r}: no {cls_name} files in "
+                    f"{root / folder} (torchvision's layout: {', '.join(missing)}) and the "
+                    f"download failed ({reason}). Point data-dir at a folder that holds "
+                    f"{folder}/, or run once with internet access"
                 ) from None
             raise ConfigError(
-                f"config key 'data-dir' = {cfg.data_dir!r}: the {cls_name} files under "
-                f"{root / folder} cannot be read ({type(exc).__name__}: {exc})"
+                f"config key 'data-dir' = {cfg.data_dir!r}: the {cls_name} files in "
+                f"{root / folder} cannot be read ({type(exc).__name__}: {reason}); "
+                "they may be truncated or corrupt"
             ) from None
         return Source(_as_array(train, mean, std), _as_array(test, mean, std))
 

@@ -8,6 +8,7 @@ test parts, deterministically from ``seed`` and the client's partition id.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +45,11 @@ def _table(labels: np.ndarray, seed: int | None, extra: dict | None = None):
 def _run(partitioner, table, num_clients: int, cfg: RunConfig) -> list[np.ndarray]:
     partitioner.dataset = table
     try:
-        return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
-                for i in range(num_clients)]
+        with warnings.catch_warnings():
+            # flwr-datasets warns on every resampling attempt; a failure raises below.
+            warnings.simplefilter("ignore", UserWarning)
+            return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
+                    for i in range(num_clients)]
     except ValueError as exc:
         raise ConfigError(
             f"config key 'partitioner' = {cfg.partitioner!r} cannot split {len(table)} samples "

@@ -1,0 +1,21 @@
+"""Shared test setup: Flower and Ray stay offline, quiet and out of the user's home."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture
+def flwr_home(tmp_path, monkeypatch):
+    """A private FLWR_HOME for tests that run the flwr CLI."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    return home

@@ -1,0 +1,152 @@
+"""Config keys: defaults, types, impossible values, and the Flower App's defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedtl.config import DEFAULTS, ConfigError, make_config, parse_override, resolve
+from fedtl.data import check_compatible
+from fedtl.simulation import preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_attribute_access_uses_snake_case():
+    cfg = make_config()
+    assert cfg.num_clients == DEFAULTS["num-clients"]
+    assert cfg["pfedme-lambda"] == cfg.pfedme_lambda
+
+
+def test_pyproject_flower_config_holds_every_default():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULTS
+
+
+def test_simulation_files_are_valid_run_configs():
+    files = sorted((ROOT / "simulations").glob("*.toml"))
+    assert files, "simulations/ holds the named experiments"
+    for path in files:
+        resolve(path)
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"strategy": "fedsgd"}, "Accepted: fedavg, pfedme"),
+    ({"trainer": "nope"}, "unknown trainer"),
+    ({"dataset": "mnst"}, "Did you mean 'mnist'"),
+    ({"partitioner": "dirchlet"}, "Did you mean 'dirichlet'"),
+    ({"model": "vgg"}, "unknown model"),
+    ({"alpha": 0.0}, "'alpha' = 0.0: must be > 0"),
+    ({"alpha": -1}, "must be > 0"),
+    ({"fraction-train": 0.0}, "(0, 1]"),
+    ({"fraction-train": 1.5}, "(0, 1]"),
+    ({"num-rounds": 0}, "must be >= 1"),
+    ({"beta": 0.0}, "'beta'"),
+    ({"val-fraction": 0.5, "test-fraction": 0.5}, "sum < 1"),
+    ({"num-clients": "ten"}, "expected an integer"),
+    ({"lr": True}, "expected a number"),
+    ({"lr": float("nan")}, "must be finite"),
+    ({"num-rondus": 3}, "Did you mean 'num-rounds'"),
+])
+def test_bad_values_name_key_value_and_what_is_accepted(values, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        make_config(values)
+    assert fragment in str(info.value)
+
+
+def test_integer_accepted_for_float_keys():
+    assert make_config({"lr": 1}).lr == 1.0
+
+
+def test_override_parsing_uses_the_keys_type():
+    assert parse_override("num-rounds=5") == ("num-rounds", 5)
+    assert parse_override("lr=0.1") == ("lr", 0.1)
+    assert parse_override("dataset='mnist'") == ("dataset", "mnist")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        parse_override("num-rounds=five")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("num-rounds")
+    with pytest.raises(ConfigError, match="unknown config key 'rounds'"):
+        parse_override("rounds=3")
+
+
+def test_toml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num-rounds = = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml' is not valid TOML"):
+        resolve(bad)
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[section]\nnum-rounds = 3\n")
+    with pytest.raises(ConfigError, match="flat key = value"):
+        resolve(nested)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"partitioner": "pathological", "labels-per-client": 11}, "has 10 classes"),
+    ({"num-clients": 5000}, "more clients than the 1797 samples"),
+    ({"dataset": "synthetic", "model": "cnn", "partitioner": "natural"}, "needs images"),
+    ({"partitioner": "natural"}, "has no natural clients"),
+])
+def test_dataset_aware_checks(values, fragment):
+    with pytest.raises(ConfigError) as info:
+        check_compatible(make_config(values))
+    assert fragment in str(info.value)
+
+
+def test_missing_dataset_files_are_a_config_error(tmp_path):
+    cfg = make_config({"dataset": "mnist", "data-dir": str(tmp_path)})
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg)
+    assert "MNIST/raw" in str(info.value) and "data-dir" in str(info.value)
+
+
+def test_corrupt_dataset_files_are_a_config_error(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"not an idx file")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        preflight(make_config({"dataset": "mnist", "data-dir": str(tmp_path)}))
+
+
+def test_impossible_partition_is_reported_before_ray():
+    cfg = make_config({"num-clients": 200, "partitioner": "dirichlet", "alpha": 0.05,
+                       "min-partition-size": 20})
+    with pytest.raises(ConfigError, match="partitioner"):
+        preflight(cfg)
+
+
+def test_gpu_share_without_gpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="client-num-gpus"):
+        preflight(make_config({"client-num-gpus": 0.5}))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "--set", "strategy=fedprox"], "unknown strategy"),
+    (["run", "--set", "alpha=-2"], "'alpha' = -2.0: must be > 0"),
+    (["run", "--set", "partitioner=pathological", "--set", "labels-per-client=12"],
+     "labels-per-client"),
+    (["run", "--set", "bogus=1"], "unknown config key 'bogus'"),
+])
+def test_cli_exits_nonzero_with_one_clear_line_within_seconds(args, fragment, tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fedtl", *args], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "runs").exists(), "nothing is written for an invalid config"
