@@ -120,7 +120,7 @@ _KEYS: list[Key] = [
     Key("beta", 1.0, "pFedMe: server mixing w <- (1-beta) w + beta mean(w_i)", "pfedme", _beta),
     Key("pfedme-lambda", 15.0, "pFedMe: Moreau-envelope regularisation lambda", "pfedme",
         _positive),
-    Key("personal-lr", 0.09, "pFedMe: inner-solver learning rate for theta (p_lr)", "pfedme",
+    Key("personal-lr", 0.02, "pFedMe: inner-solver learning rate for theta (p_lr)", "pfedme",
         _positive),
     Key("inner-steps", 5, "pFedMe: inner-solver steps K per mini-batch", "pfedme", _at_least(1)),
     # --- evaluation ----------------------------------------------------------------------

@@ -25,8 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtl.config import ConfigError, RunConfig, make_config
 from fedtl.data import dataset_spec
 from fedtl.evaluation import pooled, score, spread
-from fedtl.models import build_model
-from fedtl.registry import STRATEGIES
+from fedtl.registry import STRATEGIES, TRAINERS
 from fedtl.results import RunDirectory
 
 log = logging.getLogger("fedtl")
@@ -154,8 +153,17 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
     return clients, failures
 
 
+def _split_names(metrics) -> list[str]:
+    """The score names a client reported (``test``, ``val``, and any a trainer adds)."""
+    return sorted(k[: -len("-total")] for k in metrics if k.endswith("-total"))
+
+
 def client_rows(replies: list[Message], clients: dict[int, ClientInfo]) -> list[dict]:
-    """Per-client evaluation numbers from evaluate replies, in partition order."""
+    """Per-client evaluation numbers from evaluate replies, in partition order.
+
+    Columns are ``<split>_total``, ``<split>_correct_<kind>``, ``<split>_loss_<kind>`` and
+    ``<split>_<kind>_accuracy`` for kind in global / personalized (split names with ``_``).
+    """
     rows = []
     for m in replies:
         if m.has_error() or m.metadata.src_node_id not in clients:
@@ -164,34 +172,47 @@ def client_rows(replies: list[Message], clients: dict[int, ClientInfo]) -> list[
         r = m.content["metrics"]
         row: dict[str, Any] = {"partition_id": info.partition_id,
                                "num_train": info.stats["num-train"]}
-        for split in ("test", "val"):
+        for split in _split_names(r):
+            col = split.replace("-", "_")
             total = int(r[f"{split}-total"])
-            row[f"{split}_total"] = total
+            row[f"{col}_total"] = total
             for kind in ("global", "personalized"):
                 correct = int(r[f"{split}-correct-{kind}"])
-                row[f"{split}_correct_{kind}"] = correct
-                row[f"{split}_loss_{kind}"] = float(r[f"{split}-loss-{kind}"])
-                row[f"{split}_{kind}_accuracy"] = correct / total if total else float("nan")
+                row[f"{col}_correct_{kind}"] = correct
+                row[f"{col}_loss_{kind}"] = float(r[f"{split}-loss-{kind}"])
+                row[f"{col}_{kind}_accuracy"] = correct / total if total else float("nan")
         rows.append(row)
     return sorted(rows, key=lambda row: row["partition_id"])
 
 
 def summarize_round(rows: list[dict]) -> dict[str, Any]:
-    """Pooled and per-client accuracy of the global and personalized models."""
+    """Pooled and per-client accuracy of the global and personalized models.
+
+    ``test`` gives the headline keys (``global_accuracy``, ``personalized_accuracy_std``, ...),
+    ``val`` gives ``*_val_accuracy``; any other split ``s`` gives ``s_global_accuracy`` and
+    ``s_personalized_accuracy`` (pooled).
+    """
     out: dict[str, Any] = {"clients_evaluated": len(rows)}
+    splits = sorted({k[: -len("_total")] for r in rows for k in r if k.endswith("_total")})
     for kind in ("global", "personalized"):
-        test_correct = [r[f"test_correct_{kind}"] for r in rows]
-        test_total = [r["test_total"] for r in rows]
-        out[f"{kind}_accuracy"] = pooled(test_correct, test_total)
-        n = sum(test_total)
-        out[f"{kind}_loss"] = sum(r[f"test_loss_{kind}"] for r in rows) / n if n else None
-        out[f"{kind}_val_accuracy"] = pooled([r[f"val_correct_{kind}"] for r in rows],
-                                             [r["val_total"] for r in rows])
-        s = spread([r[f"test_{kind}_accuracy"] for r in rows])
-        out[f"{kind}_accuracy_mean"] = s["mean"]
-        out[f"{kind}_accuracy_std"] = s["std"]
-        out[f"{kind}_accuracy_bottom10"] = s["bottom10"]
-    compared = [r for r in rows if r["test_total"]]
+        for split in splits:
+            correct = [r.get(f"{split}_correct_{kind}", 0) for r in rows]
+            total = [r.get(f"{split}_total", 0) for r in rows]
+            acc = pooled(correct, total)
+            if split == "test":
+                out[f"{kind}_accuracy"] = acc
+                n = sum(total)
+                out[f"{kind}_loss"] = (sum(r[f"test_loss_{kind}"] for r in rows) / n
+                                       if n else None)
+                s = spread([r[f"test_{kind}_accuracy"] for r in rows])
+                out[f"{kind}_accuracy_mean"] = s["mean"]
+                out[f"{kind}_accuracy_std"] = s["std"]
+                out[f"{kind}_accuracy_bottom10"] = s["bottom10"]
+            elif split == "val":
+                out[f"{kind}_val_accuracy"] = acc
+            else:
+                out[f"{split}_{kind}_accuracy"] = acc
+    compared = [r for r in rows if r.get("test_total")]
     hurt = [r for r in compared if r["test_personalized_accuracy"] < r["test_global_accuracy"]]
     out["personalization_hurts_share"] = len(hurt) / len(compared) if compared else None
     return out
@@ -274,7 +295,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
         central = spec.load(cfg).test if spec.has_central_test else None
         strategy = STRATEGIES.get(cfg.strategy).make_strategy(
             cfg, {n: c.partition_id for n, c in clients.items()})
-        model = build_model(cfg.model, spec, seed=cfg.seed)
+        model = TRAINERS.get(cfg.trainer)(cfg).build_model(spec, seed=cfg.seed)
         arrays = ArrayRecord(model.state_dict())
         progress.start(cfg.num_rounds)
         startup = time.perf_counter() - started

@@ -150,3 +150,10 @@ def test_cli_exits_nonzero_with_one_clear_line_within_seconds(args, fragment, tm
     assert len(proc.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 30
     assert not (tmp_path / "runs").exists(), "nothing is written for an invalid config"
+
+
+def test_readme_documents_every_key_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    for name, default in DEFAULTS.items():
+        shown = repr(default) if isinstance(default, str) else str(default)
+        assert f"| `{name}` | `{shown}` |" in readme, name

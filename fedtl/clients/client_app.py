@@ -21,11 +21,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtl.clients.trainers.base import Trainer
 from fedtl.clients.update_rule import ClientState, UpdateRule
 from fedtl.config import RunConfig, make_config
 from fedtl.data import ClientData, federated_data
-from fedtl.evaluation import score
-from fedtl.models import build_model
 from fedtl.registry import DATASETS, STRATEGIES, TRAINERS
 
 # Keys the server adds to the run config in a message (not config keys themselves).
@@ -81,13 +80,13 @@ def _local_data(context: Context, cfg: RunConfig) -> ClientData:
     return federated_data(cfg).client(_partition(context, cfg))
 
 
-def _models_for(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
+                ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A working model and a scratch copy for this architecture, built once per process."""
-    key = (cfg.model, cfg.dataset, str(device))
+    key = (cfg.trainer, cfg.model, cfg.dataset, str(device))
     if key not in _models:
         spec = DATASETS.get(cfg.dataset)
-        _models[key] = (build_model(cfg.model, spec).to(device),
-                        build_model(cfg.model, spec).to(device))
+        _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device))
     return _models[key]
 
 
@@ -97,10 +96,8 @@ def _generator(cfg: RunConfig, server_round: int, partition_id: int, purpose: in
     return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
 
 
-def _update_rule(cfg: RunConfig, device: torch.device) -> UpdateRule:
-    method = STRATEGIES.get(cfg.strategy)
-    trainer = TRAINERS.get(cfg.trainer)(cfg)
-    return method.client_rule()(cfg, trainer, device)
+def _update_rule(cfg: RunConfig, trainer: Trainer, device: torch.device) -> UpdateRule:
+    return STRATEGIES.get(cfg.strategy).client_rule()(cfg, trainer, device)
 
 
 def _load_state(context: Context) -> ClientState:
@@ -136,11 +133,12 @@ def train(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     device = _device(cfg)
     data = _local_data(context, cfg)
-    model, _ = _models_for(cfg, device)
+    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    model, _ = _models_for(cfg, trainer, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     state = _load_state(context)
     server_round = int(msg.content["config"]["server-round"])
-    rule = _update_rule(cfg, device)
+    rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, data.partition_id, 0), state)
     _save_state(context, state)
     reply = RecordDict({
@@ -161,19 +159,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     device = _device(cfg)
     data = _local_data(context, cfg)
-    model, scratch = _models_for(cfg, device)
+    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    model, scratch = _models_for(cfg, trainer, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])
-    rule = _update_rule(cfg, device)
+    rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data,
                                  _generator(cfg, server_round, data.partition_id, 1),
                                  _load_state(context))
     values: dict[str, int | float] = {"num-examples": len(data.test)}
-    for split_name in ("val", "test"):
-        split = getattr(data, split_name)
-        for kind, m in (("global", model), ("personalized", personal)):
-            s = score(m, split.x, split.y, device)
-            values[f"{split_name}-correct-{kind}"] = s.correct
-            values[f"{split_name}-loss-{kind}"] = s.loss_sum
-        values[f"{split_name}-total"] = len(split)
+    for kind, m in (("global", model), ("personalized", personal)):
+        for name, s in trainer.evaluate(m, data, device).items():
+            values[f"{name}-correct-{kind}"] = s.correct
+            values[f"{name}-loss-{kind}"] = s.loss_sum
+            values[f"{name}-total"] = s.total
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

@@ -16,6 +16,8 @@ from torch import nn
 
 from fedtl.config import RunConfig
 from fedtl.data import ClientData, Split
+from fedtl.data.datasets import DatasetSpec
+from fedtl.evaluation import Score, score
 
 
 def batch_stream(split: Split, batch_size: int, generator: torch.Generator,
@@ -38,10 +40,28 @@ def batch_stream(split: Split, batch_size: int, generator: torch.Generator,
 
 
 class Trainer(ABC):
-    """A client-side local objective."""
+    """A client-side local objective.
+
+    Besides its loss, a trainer decides which model it trains (``build_model``; e.g. a
+    backbone plus a domain head) and how a client scores a model (``evaluate``): the scores
+    named ``val`` and ``test`` are the headline figures and drive model selection; any other
+    name (e.g. ``source-test``) is reported beside them.
+    """
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+
+    def build_model(self, spec: DatasetSpec, seed: int | None = None) -> nn.Module:
+        """The model this trainer trains: by default the run's ``model`` for the dataset."""
+        from fedtl.models import build_model
+
+        return build_model(self.cfg.model, spec, seed)
+
+    def evaluate(self, model: nn.Module, data: ClientData,
+                 device: torch.device | str = "cpu") -> dict[str, Score]:
+        """Named scores of ``model`` on this client's data (classification accuracy)."""
+        return {name: score(model, split.x, split.y, device)
+                for name, split in (("val", data.val), ("test", data.test))}
 
     def batches(self, data: ClientData, generator: torch.Generator,
                 device: torch.device | str = "cpu") -> Iterator[Any]:
