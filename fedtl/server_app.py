@@ -23,8 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtl.config import ConfigError, RunConfig, make_config
-from fedtl.data import dataset_spec
-from fedtl.evaluation import pooled, score, spread
+from fedtl.data import dataset_spec, federated_data
+from fedtl.evaluation import pooled, spread
 from fedtl.registry import STRATEGIES, TRAINERS
 from fedtl.results import RunDirectory
 
@@ -60,7 +60,8 @@ class LogProgress:
 def round_line(record: dict, total: int) -> str:
     parts = [f"round {record['round']}/{total}"]
     for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "personalized"),
-                       ("centralized_accuracy", "central")):
+                       ("centralized_accuracy", "central"), ("probe_accuracy", "probe"),
+                       ("knn_accuracy", "knn")):
         if record.get(key) is not None:
             parts.append(f"{label} {record[key]:.4f}")
     if record.get("failures"):
@@ -226,10 +227,17 @@ FINAL_KEYS = (
 )
 
 
+def _final_keys(record: dict) -> list[str]:
+    """FINAL_KEYS, then any other accuracy a trainer reported (e.g. ``probe_accuracy``,
+    ``knn_global_accuracy``)."""
+    extra = sorted(k for k in record if k.endswith("_accuracy") and k not in FINAL_KEYS)
+    return [*FINAL_KEYS, *extra]
+
+
 def select_best(rounds: list[dict]) -> dict[str, Any]:
     """Figures at the rounds chosen on VALIDATION accuracy: the global model's figures at the
-    round of best global validation accuracy, the personalized model's at the round of best
-    personalized validation accuracy. Ties go to the earlier round."""
+    round of best global validation accuracy, the personalized model's (keys that name it) at
+    the round of best personalized validation accuracy. Ties go to the earlier round."""
     evaluated = [r for r in rounds if r.get("evaluated")]
     if not evaluated:
         return {}
@@ -243,8 +251,8 @@ def select_best(rounds: list[dict]) -> dict[str, Any]:
     g, p = pick("global"), pick("personalized")
     best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
                             "personalized_round": p["round"]}
-    for key in FINAL_KEYS:
-        source = p if key.startswith("personaliz") else g
+    for key in _final_keys(evaluated[-1]):
+        source = p if "personaliz" in key else g
         best[key] = source.get(key)
     return best
 
@@ -254,7 +262,7 @@ def build_summary(cfg: RunConfig, rounds: list[dict], status: str, wall: float,
     evaluated = [r for r in rounds if r.get("evaluated")]
     last = evaluated[-1] if evaluated else {}
     final = {"round": last.get("round")}
-    final.update({k: last.get(k) for k in FINAL_KEYS})
+    final.update({k: last.get(k) for k in _final_keys(last)})
     return {
         "status": status,
         "error": error,
@@ -292,11 +300,14 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
         clients, describe_failures = describe_clients(grid, cfg)
         run_dir.write_partition(sorted((c.stats for c in clients.values()),
                                        key=lambda s: s["partition-id"]))
-        central = spec.load(cfg).test if spec.has_central_test else None
+        data = federated_data(cfg)  # for the trainer's central scores (cached per process)
         strategy = STRATEGIES.get(cfg.strategy).make_strategy(
             cfg, {n: c.partition_id for n, c in clients.items()})
-        model = TRAINERS.get(cfg.trainer)(cfg).build_model(spec, seed=cfg.seed)
-        arrays = ArrayRecord(model.state_dict())
+        trainer = TRAINERS.get(cfg.trainer)(cfg)
+        model = trainer.build_model(spec, seed=cfg.seed)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        # The server holds and averages only the parts the trainer shares.
+        arrays = ArrayRecord({k: initial[k] for k in trainer.shared_keys(model)})
         progress.start(cfg.num_rounds)
         startup = time.perf_counter() - started
         for rnd in range(1, cfg.num_rounds + 1):
@@ -330,11 +341,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
                 rows = client_rows(replies, clients)
                 record.update(summarize_round(rows))
                 record["centralized_accuracy"] = None
-                if central is not None:
-                    model.load_state_dict(arrays.to_torch_state_dict())
-                    s = score(model, central.inputs(), central.labels())
-                    record["centralized_accuracy"] = s.accuracy
-                    record["centralized_loss"] = s.loss_sum / s.total
+                model.load_state_dict({**initial, **arrays.to_torch_state_dict()})
+                for name, s in trainer.central_scores(model, data).items():
+                    record[f"{name}_accuracy"] = s.accuracy
+                    record[f"{name}_loss"] = s.loss_sum / s.total if s.total else None
                 run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
 
             record["failures"] = failures

@@ -43,6 +43,11 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'device' = {cfg.device!r}: no CUDA GPU is visible "
                           "(accepted: auto, cpu)")
     federated_data(cfg)  # loads the files and builds the partition: their errors come now
+    from fedtl.data import dataset_spec
+    from fedtl.registry import TRAINERS
+
+    # a trainer refuses what it cannot train (e.g. a model without an encoder) when built
+    TRAINERS.get(cfg.trainer)(cfg).build_model(dataset_spec(cfg))
 
 
 class TqdmProgress:
@@ -64,7 +69,8 @@ class TqdmProgress:
             return
         post = {}
         for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "pers"),
-                           ("centralized_accuracy", "central")):
+                           ("centralized_accuracy", "central"), ("probe_accuracy", "probe"),
+                           ("knn_accuracy", "knn")):
             if record.get(key) is not None:
                 post[label] = f"{record[key]:.3f}"
         if record.get("failures"):

@@ -3,7 +3,8 @@
 Every message carries the run configuration in its ConfigRecord, so a client needs nothing
 but its node config (``partition-id`` / ``num-partitions``). Datasets, partitions and models
 are built once per process and reused across the clients and rounds an actor serves; a
-client's persistent state (pFedMe's theta_i) lives in Flower's ``Context.state``.
+client's persistent state (pFedMe's theta_i, the model parts the trainer does not share)
+lives in Flower's ``Context.state``.
 
 Messages handled:
 - ``query.describe``: the client's split sizes and label counts (never its samples);
@@ -32,7 +33,10 @@ MESSAGE_KEYS = ("server-round",)
 
 app = ClientApp()
 
-_models: dict[tuple, tuple[torch.nn.Module, torch.nn.Module]] = {}
+# Context.state entry holding the model parts the server does not aggregate (Trainer.shared_keys)
+LOCAL_PARTS = "local-parts"
+
+_models: dict[tuple, tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]] = {}
 _threads_set = False
 
 
@@ -81,13 +85,37 @@ def _local_data(context: Context, cfg: RunConfig) -> ClientData:
 
 
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
-                ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A working model and a scratch copy for this architecture, built once per process."""
-    key = (cfg.trainer, cfg.model, cfg.dataset, str(device))
+                ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]:
+    """A working model, a scratch copy and the run's initial weights (seeded as the server's),
+    built once per process and run configuration."""
+    key = (tuple(sorted(cfg.items())), str(device))
     if key not in _models:
         spec = DATASETS.get(cfg.dataset)
-        _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device))
+        initial = trainer.build_model(spec, seed=cfg.seed).state_dict()
+        _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device),
+                        initial)
     return _models[key]
+
+
+def _receive(model: torch.nn.Module, msg: Message, state: ClientState,
+             initial: dict[str, torch.Tensor]) -> None:
+    """Load the global weights; parts the server does not share come from this client's
+    state, or from the initial weights before its first training round."""
+    weights = msg.content["arrays"].to_torch_state_dict()
+    local = state.get(LOCAL_PARTS, {})
+    for key in initial.keys() - weights.keys():
+        weights[key] = local.get(key, initial[key])
+    model.load_state_dict(weights)
+
+
+def _reply_arrays(model: torch.nn.Module, trainer: Trainer, state: ClientState) -> ArrayRecord:
+    """The shared parts of ``model`` for the server; the others go into ``state``."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    shared = set(trainer.shared_keys(model))
+    local = {k: v.clone() for k, v in weights.items() if k not in shared}
+    if local:
+        state[LOCAL_PARTS] = local
+    return ArrayRecord({k: v for k, v in weights.items() if k in shared})
 
 
 def _generator(cfg: RunConfig, server_round: int, partition_id: int, purpose: int) -> torch.Generator:
@@ -134,15 +162,16 @@ def train(msg: Message, context: Context) -> Message:
     device = _device(cfg)
     data = _local_data(context, cfg)
     trainer = TRAINERS.get(cfg.trainer)(cfg)
-    model, _ = _models_for(cfg, trainer, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model, _, initial = _models_for(cfg, trainer, device)
     state = _load_state(context)
+    _receive(model, msg, state, initial)
     server_round = int(msg.content["config"]["server-round"])
     rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, data.partition_id, 0), state)
+    arrays = _reply_arrays(model, trainer, state)
     _save_state(context, state)
     reply = RecordDict({
-        "arrays": ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "arrays": arrays,
         "metrics": MetricRecord({
             "num-examples": len(data.train),
             **metrics,
@@ -160,13 +189,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = _device(cfg)
     data = _local_data(context, cfg)
     trainer = TRAINERS.get(cfg.trainer)(cfg)
-    model, scratch = _models_for(cfg, trainer, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model, scratch, initial = _models_for(cfg, trainer, device)
+    state = _load_state(context)
+    _receive(model, msg, state, initial)
     server_round = int(msg.content["config"]["server-round"])
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data,
-                                 _generator(cfg, server_round, data.partition_id, 1),
-                                 _load_state(context))
+                                 _generator(cfg, server_round, data.partition_id, 1), state)
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):
         for name, s in trainer.evaluate(m, data, device).items():
