@@ -28,9 +28,11 @@ CURVES = (("global_accuracy", "global (clients' test splits, pooled)", "-"),
 def _curves(rounds: list[dict]) -> list[tuple[str, str, str]]:
     """CURVES, then any other test accuracy a trainer reported (e.g. ``probe_accuracy`` on
     the central test set, ``knn_global_accuracy`` on the clients' test splits)."""
-    known = {key for key, _, _ in CURVES}
+    known = [key for key, _, _ in CURVES]
     extra = sorted({k for r in rounds for k in r if k.endswith("_accuracy") and k not in known
                     and "_val_" not in k})
+    series = lambda key: [r.get(key) for r in rounds]  # noqa: E731
+    extra = [k for k in extra if all(series(k) != series(c) for c in known)]  # no aliases
     return [*CURVES, *((k, k.removesuffix("_accuracy").replace("_", " "), "-.") for k in extra)]
 
 

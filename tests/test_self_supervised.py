@@ -99,13 +99,13 @@ def test_barlow_twins_module_owns_its_projector_and_trains():
     assert sum(p.numel() for p in module.parameters()) == 6 * 8 + 2 * 8 + 8 * 8
     x = torch.randn(32, 6)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
-    before = float(module(x, x + 0.05 * torch.randn(32, 6)))
+    before = module(x, x + 0.05 * torch.randn(32, 6)).item()
     for _ in range(20):
         optimizer.zero_grad()
         loss = module(x, x + 0.05 * torch.randn(32, 6))
         loss.backward()
         optimizer.step()
-    assert float(loss) < before
+    assert loss.item() < before
 
 
 # --- linear probe and kNN ---------------------------------------------------------------------
@@ -225,6 +225,28 @@ def test_unshared_projector_stays_on_the_client():
     _receive(fresh2, _Msg(reply), {}, initial)
     key = "objective.projector.0.weight"
     assert torch.equal(fresh2.state_dict()[key], initial[key])
+
+
+def test_pfedme_keeps_a_personalized_encoder_per_client():
+    from fedtl.clients.pfedme import THETA, PFedMeSolver
+
+    cfg = make_config({**SSL, "strategy": "pfedme", "local-steps": 2, "inner-steps": 2,
+                       "personal-lr": 0.01, "lr": 0.01})
+    trainer = TRAINERS.get("instance-spreading")(cfg)
+    data = federated_data(cfg).client(0)
+    model, scratch = trainer.build_model(DIGITS, seed=0), trainer.build_model(DIGITS)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {}
+    rule = PFedMeSolver(cfg, trainer, torch.device("cpu"))
+    rule.train(model, data, torch.Generator().manual_seed(0), state)
+    theta = state[THETA]
+    key = "encoder.0.0.weight"
+    assert not torch.equal(theta[key], start[key])  # theta_i moved
+    assert not torch.equal(theta[key], model.state_dict()[key])  # and differs from w_i
+    personal = rule.personalized(model, scratch, data, torch.Generator(), state)
+    assert torch.equal(personal.state_dict()[key], theta[key])
+    scores = trainer.evaluate(personal, data)
+    assert {"val", "test", "probe", "knn"} <= set(scores) and scores["test"].total == len(data.test)
 
 
 def test_central_probe_uses_the_clients_labelled_parts():

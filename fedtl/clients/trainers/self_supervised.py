@@ -170,11 +170,21 @@ def labelled_union(data: FederatedData, fraction: float, seed: int) -> Split:
     return Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
 
 
-def encoder_scores(cfg: RunConfig, model: SelfSupervisedModel | None = None) -> dict[str, float]:
-    """What a run's evaluation reports for an encoder, computed in-process without a federation:
-    ``probe_accuracy`` / ``knn_accuracy`` on the central test set (None without one) and the
-    per-client pooled ``probe_global_accuracy`` / ``knn_global_accuracy``. Without ``model``:
-    the run's initial, randomly initialised model (the random-encoder baseline)."""
+def encoder_scores(cfg: RunConfig, model: SelfSupervisedModel | None = None,
+                   weights: dict[str, torch.Tensor] | None = None) -> dict[str, float | None]:
+    """What a run's evaluation reports for an encoder, computed in-process without a federation.
+
+    - ``probe_accuracy`` / ``knn_accuracy``: the central test set (None without one);
+    - ``probe_global_accuracy`` / ``knn_global_accuracy``: each client's own probe / kNN on its
+      test split, pooled;
+    - ``pooled_probe_accuracy`` / ``pooled_knn_accuracy``: one probe / kNN fitted on the union
+      of the clients' labelled parts and scored on the union of their test splits (the samples
+      a supervised run's ``global_accuracy`` is scored on).
+
+    The model is ``model``, else the run's initial model with ``weights`` (e.g. a run's
+    ``model.pt``) loaded over it; neither: the seeded random initialisation (the
+    random-encoder baseline).
+    """
     from fedtl.registry import TRAINERS
 
     trainer = TRAINERS.get(cfg.trainer)(cfg)
@@ -184,15 +194,23 @@ def encoder_scores(cfg: RunConfig, model: SelfSupervisedModel | None = None) -> 
     data = federated_data(cfg)
     if model is None:
         model = trainer.build_model(data.spec, seed=cfg.seed)
+        if weights is not None:
+            model.load_state_dict({**model.state_dict(), **weights})
     central = trainer.central_scores(model, data)
     out: dict[str, float | None] = {f"{n}_accuracy": central[n].accuracy if central[n].total
                                     else None for n in ("probe", "knn")}
     pooled: dict[str, list[int]] = {"probe": [0, 0], "knn": [0, 0]}
-    for pid in range(data.num_clients):
-        scores = trainer.evaluate(model, data.client(pid))
+    clients = [data.client(pid) for pid in range(data.num_clients)]
+    for client in clients:
+        scores = trainer.evaluate(model, client)
         for name, counts in pooled.items():
             counts[0] += scores[name].correct
             counts[1] += scores[name].total
     for name, (correct, total) in pooled.items():
         out[f"{name}_global_accuracy"] = correct / total if total else None
+    tests = Split(torch.cat([c.test.x for c in clients]), torch.cat([c.test.y for c in clients]))
+    union = labelled_union(data, cfg.probe_label_fraction, cfg.seed)
+    s = trainer._probe_scores(model, union, {"pooled": tests}, "cpu")
+    out["pooled_probe_accuracy"] = s["pooled-probe"].accuracy
+    out["pooled_knn_accuracy"] = s["pooled-knn"].accuracy
     return out
