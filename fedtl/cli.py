@@ -13,25 +13,61 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
 
+def _resume_target(args: argparse.Namespace):
+    """The run directory and config to resume, checked before anything starts."""
+    from fedtl.config import make_config, read_toml
+    from fedtl.results import RunDirectory
+
+    if args.config or args.set or args.out:
+        raise ConfigError("--resume DIR takes its config from DIR/config.toml; "
+                          "drop CONFIG, --set and --out")
+    run_dir = RunDirectory(args.resume)
+    if not (run_dir.path / "config.toml").is_file():
+        raise ConfigError(f"cannot resume '{args.resume}': it is not a fedtl run directory "
+                          "(no config.toml)")
+    cfg = make_config(read_toml(run_dir.path / "config.toml"),
+                      where=f"in {run_dir.path / 'config.toml'}")
+    run_dir.load_checkpoint(dict(cfg))  # a clear error now, not after Ray started
+    return cfg, run_dir
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedtl.results import RunDirectory
     from fedtl.server_app import RunFailed
     from fedtl.simulation import LineProgress, TqdmProgress, preflight, simulate
 
-    cfg = resolve(args.config, args.set or [])
+    if args.resume:
+        cfg, run_dir = _resume_target(args)
+        if (run_dir.path / "summary.json").exists() and \
+                run_dir.summary().get("status") == "completed":
+            print(f"fedtl: {run_dir.path} already completed; nothing to resume", file=sys.stderr)
+            return 0
+    else:
+        cfg = resolve(args.config, args.set or [])
     preflight(cfg)
-    run_dir = RunDirectory.create(cfg, args.out)
-    print(f"fedtl: {cfg.strategy} / {cfg.trainer} on {cfg.dataset} ({cfg.partitioner}, "
+    if not args.resume:
+        run_dir = RunDirectory.create(cfg, args.out)
+    verb = "resuming" if args.resume else "running"
+    print(f"fedtl: {verb} {cfg.strategy} / {cfg.trainer} on {cfg.dataset} ({cfg.partitioner}, "
           f"{cfg.num_clients} clients, {cfg.model}), {cfg.num_rounds} rounds -> {run_dir.path}",
           file=sys.stderr)
     progress = TqdmProgress() if sys.stderr.isatty() and not args.verbose else LineProgress()
     try:
-        summary = simulate(cfg, run_dir, progress=progress, verbose=args.verbose)
+        summary = simulate(cfg, run_dir, progress=progress, verbose=args.verbose,
+                           resume=bool(args.resume))
     except RunFailed as exc:
-        print(f"fedtl: run failed: {exc}\nfinished rounds are in {run_dir.path}", file=sys.stderr)
+        print(f"fedtl: run failed: {exc}\nfinished rounds are in {run_dir.path}; "
+              f"continue with: fedtl run --resume {run_dir.path}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"fedtl: error: cannot write the run directory ({exc.strerror or exc}: "
+              f"{exc.filename or run_dir.path}); finished rounds are in {run_dir.path} and "
+              f"'fedtl run --resume {run_dir.path}' continues once there is room",
+              file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"\nfedtl: interrupted; finished rounds are in {run_dir.path}", file=sys.stderr)
+        print(f"\nfedtl: interrupted; finished rounds are in {run_dir.path}; "
+              f"continue with: fedtl run --resume {run_dir.path}", file=sys.stderr)
         return 130
     if not args.no_plots:
         from fedtl.plots import plot_run
@@ -90,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config key (repeatable)")
     run.add_argument("--out", help="run directory (default: out-dir/run-name)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last "
+                     "finished round")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     run.set_defaults(func=_cmd_run)

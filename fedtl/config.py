@@ -67,6 +67,17 @@ def _gpus(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1] (a fraction of one GPU per client)"
 
 
+FAULT_KINDS = ("raise", "nan", "inf", "shape", "timeout")
+
+
+def _fault_kinds(v: str) -> str | None:
+    kinds = [k.strip() for k in v.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FAULT_KINDS]
+    if not kinds or bad:
+        return f"must be a comma-separated list of {', '.join(FAULT_KINDS)}"
+    return None
+
+
 def _device(v: str) -> str | None:
     ok = v in ("auto", "cpu") or v == "cuda" or v.startswith("cuda:")
     return None if ok else "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -128,6 +139,15 @@ _KEYS: list[Key] = [
         "evaluation", _at_least(1)),
     Key("finetune-steps", 10, "FedAvg-FT: SGD steps on a client's train split before its "
         "personalized evaluation", "evaluation", _at_least(0)),
+    # --- reliability ---------------------------------------------------------------------
+    Key("min-clients", 1, "fewest valid training replies a round needs to go on", "reliability",
+        _at_least(1)),
+    Key("client-timeout", 3600.0, "seconds the server waits for replies in a round; late clients "
+        "are left out", "reliability", _positive),
+    Key("fault-rate", 0.0, "fault injection: probability that a sampled client fails in a round",
+        "reliability", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    Key("fault-kinds", "raise,nan,inf,shape", "fault injection: failures drawn from "
+        "raise, nan, inf, shape, timeout", "reliability", _fault_kinds),
     # --- simulation ----------------------------------------------------------------------
     Key("client-num-cpus", 1.0, "CPU cores per simulated client (Ray resource; torch threads)",
         "simulation", _positive),
@@ -284,6 +304,13 @@ def make_config(
         raise ConfigError(
             f"config keys 'val-fraction' = {merged['val-fraction']} and 'test-fraction' = "
             f"{merged['test-fraction']}: together they must leave a training share (sum < 1)"
+        )
+    if (merged["fault-rate"] > 0 and "timeout" in merged["fault-kinds"]
+            and merged["client-timeout"] > 300):
+        raise ConfigError(
+            f"config key 'fault-kinds' = {merged['fault-kinds']!r} injects hangs of "
+            f"client-timeout + 1 s, but 'client-timeout' = {merged['client-timeout']}: set "
+            "client-timeout to a few seconds (accepted: <= 300 with the timeout fault)"
         )
     return RunConfig(merged)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+
+import numpy as np
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,7 +33,6 @@ from fedtl.results import RunDirectory
 log = logging.getLogger("fedtl")
 
 CONNECT_TIMEOUT = 600.0  # seconds to wait for the SuperNodes of a deployment to connect
-REPLY_TIMEOUT = 24 * 3600.0
 
 
 class RunFailed(RuntimeError):
@@ -93,10 +94,8 @@ def _failures(replies: Iterable[Message], clients: dict[int, ClientInfo], stage:
     for m in replies:
         if m.has_error():
             info = clients.get(m.metadata.src_node_id)
-            out.append({
-                "partition_id": info.partition_id if info else None,
-                "node_id": m.metadata.src_node_id, "stage": stage, "reason": error_reason(m),
-            })
+            out.append({"partition_id": info.partition_id if info else None, "stage": stage,
+                        "reason": error_reason(m)})
     return out
 
 
@@ -104,7 +103,8 @@ def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> list[Message]:
     config = ConfigRecord(dict(cfg))
     messages = [Message(RecordDict({"config": config}), dst_node_id=n,
                         message_type="query.describe") for n in node_ids]
-    return list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+    # The first message to each actor also loads the data: wait as long as for connections.
+    return list(grid.send_and_receive(messages, timeout=max(cfg.client_timeout, CONNECT_TIMEOUT)))
 
 
 def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo], list[dict]]:
@@ -137,8 +137,8 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
     failures = []
     for m in _describe(grid, cfg, node_ids):
         if m.has_error():
-            failures.append({"node_id": m.metadata.src_node_id, "stage": "describe",
-                             "reason": error_reason(m), "partition_id": None})
+            failures.append({"partition_id": None, "stage": "describe",
+                             "reason": error_reason(m)})
             continue
         stats = dict(m.content["stats"])
         pid = int(stats["partition-id"])
@@ -267,6 +267,7 @@ def build_summary(cfg: RunConfig, rounds: list[dict], status: str, wall: float,
         "wall_seconds": wall,
         "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
         "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
+        "failures": [{"round": r["round"], **f} for r in rounds for f in r.get("failures", [])],
     }
 
 
@@ -277,85 +278,199 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def check_train_reply(message: Message, reference: ArrayRecord) -> str | None:
+    """Why a training reply must be left out of aggregation, or None if it is usable.
+
+    Usable: exactly the global model's keys and shapes, finite values, and a positive
+    ``num-examples``.
+    """
+    content = message.content
+    if "arrays" not in content or "metrics" not in content:
+        return "reply lacks 'arrays' or 'metrics'"
+    arrays = content["arrays"]
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference.keys()))
+        return f"weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, ref in reference.items():
+        got = arrays[key]
+        if list(got.shape) != list(ref.shape):
+            return f"weights '{key}' have shape {list(got.shape)}, expected {list(ref.shape)}"
+        values = got.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"non-finite weights (NaN/Inf) in '{key}'"
+    n = content["metrics"].get("num-examples")
+    if not isinstance(n, int | float) or not n > 0 or not math.isfinite(n):
+        return f"num-examples = {n!r} is not a positive number"
+    return None
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float, clients: dict[int, ClientInfo],
+              stage: str) -> tuple[list[Message], list[dict]]:
+    """Send, wait up to ``timeout`` seconds, and split replies into good ones and failures."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    failures = _failures(replies, clients, stage)
+    answered = {m.metadata.src_node_id for m in replies}
+    for m in messages:
+        node = m.metadata.dst_node_id
+        if node not in answered:
+            info = clients.get(node)
+            failures.append({"partition_id": info.partition_id if info else None, "stage": stage,
+                             "reason": f"no reply within client-timeout={timeout:g} s"})
+    return [m for m in replies if not m.has_error()], failures
+
+
+class Federation:
+    """One run: the connected clients, the strategy, and the round loop."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: RunDirectory, progress: Progress):
+        self.grid, self.cfg, self.run_dir, self.progress = grid, cfg, run_dir, progress
+        self.spec = dataset_spec(cfg)
+        self.clients, self.describe_failures = describe_clients(grid, cfg)
+        self.strategy = STRATEGIES.get(cfg.strategy).make_strategy(
+            cfg, {n: c.partition_id for n, c in self.clients.items()})
+        self.model = TRAINERS.get(cfg.trainer)(cfg).build_model(self.spec, seed=cfg.seed)
+        self.central = self.spec.load(cfg).test if self.spec.has_central_test else None
+
+    def _config(self) -> ConfigRecord:
+        config = ConfigRecord(dict(self.cfg))
+        config["state-dir"] = str((self.run_dir.path / "client-state").resolve())
+        return config
+
+    def _fail_if_too_few(self, rnd: int, ok: int, failures: list[dict]) -> None:
+        if ok < self.cfg.min_clients:
+            reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
+            raise RunFailed(f"round {rnd}: {ok} valid training replies, fewer than "
+                            f"min-clients={self.cfg.min_clients} ({reasons})")
+
+    def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+        """Train the sampled clients and aggregate the usable replies."""
+        messages = list(self.strategy.configure_train(rnd, arrays, self._config(), self.grid))
+        replies, failures = _exchange(self.grid, messages, self.cfg.client_timeout,
+                                      self.clients, "train")
+        usable = []
+        for m in replies:
+            problem = check_train_reply(m, arrays)
+            if problem is None:
+                usable.append(m)
+            else:
+                info = self.clients.get(m.metadata.src_node_id)
+                failures.append({"partition_id": info.partition_id if info else None,
+                                 "stage": "train", "reason": problem})
+        self._fail_if_too_few(rnd, len(usable), failures)
+        new_arrays, metrics = self.strategy.aggregate_train(rnd, usable)
+        if new_arrays is None:
+            raise RunFailed(f"round {rnd}: aggregation produced no model")
+        record = {
+            "clients_trained": len(usable),
+            "train_loss": _clean(metrics.get("train-loss")) if metrics else None,
+            "failures": failures,
+            "bytes_sent": _bytes(arrays) * len(messages),
+            "bytes_received": sum(_bytes(m.content["arrays"]) for m in replies
+                                  if "arrays" in m.content),
+        }
+        return new_arrays, record
+
+    def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict:
+        """Score the global and personalized models on every client, and centrally."""
+        messages = list(self.strategy.configure_evaluate(rnd, arrays, self._config(), self.grid))
+        replies, failures = _exchange(self.grid, messages, self.cfg.client_timeout,
+                                      self.clients, "evaluate")
+        self.strategy.aggregate_evaluate(rnd, replies)
+        rows = client_rows(replies, self.clients)
+        record = summarize_round(rows)
+        record["failures"] = failures
+        record["bytes_sent"] = _bytes(arrays) * len(messages)
+        record["centralized_accuracy"] = None
+        if self.central is not None:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            s = score(self.model, self.central.inputs(), self.central.labels())
+            record["centralized_accuracy"] = s.accuracy
+            record["centralized_loss"] = s.loss_sum / s.total
+        self.run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
+        return record
+
+    def run(self, arrays: ArrayRecord, rounds: list[dict], started: float,
+            wall_offset: float = 0.0) -> ArrayRecord:
+        """Rounds after the last one in ``rounds``; each is checkpointed as it ends.
+
+        ``wall_offset`` is the wall time of earlier attempts of a resumed run (seconds).
+        """
+        cfg = self.cfg
+        first = rounds[-1]["round"] + 1 if rounds else 1
+        self.progress.start(cfg.num_rounds)
+        for rnd in range(first, cfg.num_rounds + 1):
+            t0 = time.perf_counter()
+            arrays, train = self.train_round(rnd, arrays)
+            record: dict[str, Any] = {"round": rnd, "clients_trained": train["clients_trained"],
+                                      "train_loss": train["train_loss"]}
+            failures = (list(self.describe_failures) if rnd == first else []) + train["failures"]
+            sent, received = train["bytes_sent"], train["bytes_received"]
+            record["evaluated"] = rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds
+            if record["evaluated"]:
+                evaluation = self.evaluate_round(rnd, arrays)
+                failures += evaluation.pop("failures")
+                sent += evaluation.pop("bytes_sent")
+                record.update(evaluation)
+            record["failures"] = failures
+            record["bytes_sent"] = sent
+            record["bytes_received"] = received
+            record = {k: _clean(v) for k, v in record.items()}
+            rounds.append(record)
+            wall = wall_offset + time.perf_counter() - started
+            # checkpoint first: it holds every round's record, so rounds.jsonl can be rebuilt
+            self.run_dir.save_checkpoint(rnd, arrays.to_torch_state_dict(), rounds, dict(cfg),
+                                         wall)
+            self.run_dir.append_round(record)
+            self.run_dir.append_timing({"round": rnd, "round_seconds": time.perf_counter() - t0,
+                                        "wall_seconds": wall})
+            self.progress.update(record)
+        return arrays
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
-                   progress: Progress | None = None) -> dict[str, Any]:
+                   progress: Progress | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``num-rounds`` rounds of ``cfg``'s algorithm on the nodes of ``grid``.
 
-    Writes the run directory as it goes and returns the summary. Raises RunFailed when the
-    federation cannot continue; the summary then says so and finished rounds stay on disk.
+    Writes the run directory as it goes (a checkpoint after every round) and returns the
+    summary. With ``resume``, continues from the directory's last checkpoint. Raises RunFailed
+    when the federation cannot continue; the summary then says so and finished rounds stay.
     """
     started = time.perf_counter()
     progress = progress or LogProgress()
     rounds: list[dict] = []
-    spec = dataset_spec(cfg)
+    previous_wall = 0.0
     try:
-        clients, describe_failures = describe_clients(grid, cfg)
-        run_dir.write_partition(sorted((c.stats for c in clients.values()),
-                                       key=lambda s: s["partition-id"]))
-        central = spec.load(cfg).test if spec.has_central_test else None
-        strategy = STRATEGIES.get(cfg.strategy).make_strategy(
-            cfg, {n: c.partition_id for n, c in clients.items()})
-        model = TRAINERS.get(cfg.trainer)(cfg).build_model(spec, seed=cfg.seed)
-        arrays = ArrayRecord(model.state_dict())
-        progress.start(cfg.num_rounds)
+        if resume:
+            checkpoint = run_dir.load_checkpoint(dict(cfg))
+            rounds = checkpoint["rounds"]
+            run_dir.rewrite_rounds(rounds)
+            previous_wall = float(checkpoint.get("wall_seconds", 0.0))
+        federation = Federation(grid, cfg, run_dir, progress)
+        if not resume:
+            run_dir.write_partition(sorted((c.stats for c in federation.clients.values()),
+                                           key=lambda s: s["partition-id"]))
+        if resume:
+            arrays = ArrayRecord(checkpoint["arrays"])
+        else:
+            arrays = ArrayRecord(federation.model.state_dict())
         startup = time.perf_counter() - started
-        for rnd in range(1, cfg.num_rounds + 1):
-            t0 = time.perf_counter()
-            record: dict[str, Any] = {"round": rnd}
-            failures = list(describe_failures) if rnd == 1 else []
-
-            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(cfg)), grid))
-            sent = _bytes(arrays) * len(messages)
-            replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-            failures += _failures(replies, clients, "train")
-            ok = [m for m in replies if not m.has_error()]
-            received = sum(_bytes(m.content["arrays"]) for m in ok)
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
-                reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
-                raise RunFailed(f"round {rnd}: no client returned weights ({reasons})")
-            arrays = new_arrays
-            record["clients_trained"] = len(ok)
-            record["train_loss"] = _clean(train_metrics.get("train-loss")) if train_metrics else None
-
-            evaluated = rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds
-            record["evaluated"] = evaluated
-            if evaluated:
-                messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(cfg)),
-                                                            grid))
-                sent += _bytes(arrays) * len(messages)
-                replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-                failures += _failures(replies, clients, "evaluate")
-                strategy.aggregate_evaluate(rnd, [m for m in replies if not m.has_error()])
-                rows = client_rows(replies, clients)
-                record.update(summarize_round(rows))
-                record["centralized_accuracy"] = None
-                if central is not None:
-                    model.load_state_dict(arrays.to_torch_state_dict())
-                    s = score(model, central.inputs(), central.labels())
-                    record["centralized_accuracy"] = s.accuracy
-                    record["centralized_loss"] = s.loss_sum / s.total
-                run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
-
-            record["failures"] = failures
-            record["bytes_sent"] = sent
-            record["bytes_received"] = received
-            record["round_seconds"] = time.perf_counter() - t0
-            record["wall_seconds"] = time.perf_counter() - started
-            record = {k: _clean(v) for k, v in record.items()}
-            rounds.append(record)
-            run_dir.append_round(record)
-            progress.update(record)
+        arrays = federation.run(arrays, rounds, started, previous_wall)
         run_dir.save_model(arrays.to_torch_state_dict())
-        summary = build_summary(cfg, rounds, "completed", time.perf_counter() - started)
+        summary = build_summary(cfg, rounds, "completed",
+                                previous_wall + time.perf_counter() - started)
         summary["startup_seconds"] = startup
         run_dir.write_summary(summary)
         return summary
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        summary = build_summary(cfg, rounds, status, time.perf_counter() - started,
+        summary = build_summary(cfg, rounds, status,
+                                previous_wall + time.perf_counter() - started,
                                 error=f"{type(exc).__name__}: {exc}")
-        run_dir.write_summary(summary)
+        try:
+            run_dir.write_summary(summary)
+        except OSError:
+            pass  # e.g. a full disk: the checkpoint and rounds.jsonl already hold the rounds
         raise
     finally:
         progress.close()

@@ -120,10 +120,11 @@ def _quiet(verbose: bool) -> Iterator[None]:
 
 
 def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None = None,
-             verbose: bool = False) -> dict:
+             verbose: bool = False, resume: bool = False) -> dict:
     """Run ``cfg`` on Flower's Simulation Engine; returns the run summary.
 
-    Call ``preflight(cfg)`` first for clear errors before Ray starts.
+    With ``resume``, continue ``run_dir`` from its last checkpoint. Call ``preflight(cfg)``
+    first for clear errors before Ray starts.
     """
     quiet_environment()
     from flwr.serverapp import Grid, ServerApp
@@ -136,7 +137,7 @@ def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None
 
     @server_app.main()
     def _main(grid: Grid, context) -> None:
-        outcome["summary"] = run_federation(grid, cfg, run_dir, progress)
+        outcome["summary"] = run_federation(grid, cfg, run_dir, progress, resume=resume)
 
     backend_config = {
         "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},

@@ -3,7 +3,8 @@
 Every message carries the run configuration in its ConfigRecord, so a client needs nothing
 but its node config (``partition-id`` / ``num-partitions``). Datasets, partitions and models
 are built once per process and reused across the clients and rounds an actor serves; a
-client's persistent state (pFedMe's theta_i) lives in Flower's ``Context.state``.
+client's persistent state (pFedMe's theta_i) is kept on its own disk, versioned by round
+(``fedtl.clients.state``).
 
 Messages handled:
 - ``query.describe``: the client's split sizes and label counts (never its samples);
@@ -15,20 +16,22 @@ Messages handled:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtl.clients.state import ClientStateStore
 from fedtl.clients.trainers.base import Trainer
-from fedtl.clients.update_rule import ClientState, UpdateRule
+from fedtl.clients.update_rule import UpdateRule
 from fedtl.config import RunConfig, make_config
 from fedtl.data import ClientData, federated_data
 from fedtl.registry import DATASETS, STRATEGIES, TRAINERS
 
 # Keys the server adds to the run config in a message (not config keys themselves).
-MESSAGE_KEYS = ("server-round",)
+MESSAGE_KEYS = ("server-round", "state-dir")
 
 app = ClientApp()
 
@@ -100,14 +103,43 @@ def _update_rule(cfg: RunConfig, trainer: Trainer, device: torch.device) -> Upda
     return STRATEGIES.get(cfg.strategy).client_rule()(cfg, trainer, device)
 
 
-def _load_state(context: Context) -> ClientState:
-    return {name: record.to_torch_state_dict()
-            for name, record in context.state.array_records.items()}
+def _state_store(msg: Message, context: Context, partition_id: int) -> ClientStateStore:
+    """Where this client keeps its state: node config ``state-dir`` (deployment), else the
+    folder the server names (simulation: inside the run directory)."""
+    root = context.node_config.get("state-dir") or msg.content["config"].get("state-dir")
+    if not root:
+        root = Path.home() / ".cache" / "fedtl" / "client-state"
+    return ClientStateStore(str(root), partition_id)
 
 
-def _save_state(context: Context, state: ClientState) -> None:
-    for name, tensors in state.items():
-        context.state[name] = ArrayRecord(tensors)
+def _seed_everything(cfg: RunConfig, server_round: int, partition_id: int, purpose: int) -> None:
+    """Seed torch's global RNG too (augmentations, dropout), whichever actor runs the call."""
+    torch.manual_seed(int(_generator(cfg, server_round, partition_id, purpose + 100).initial_seed()))
+
+
+def injected_fault(cfg: RunConfig, server_round: int, partition_id: int) -> str | None:
+    """The fault this client injects in this round (``fault-rate``), drawn from the seed."""
+    if cfg.fault_rate <= 0:
+        return None
+    rng = np.random.default_rng([cfg.seed, server_round, partition_id, 0xFA17])
+    if rng.random() >= cfg.fault_rate:
+        return None
+    kinds = [k.strip() for k in cfg.fault_kinds.split(",") if k.strip()]
+    return str(rng.choice(kinds))
+
+
+def _corrupt(arrays: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Damage a reply's weights as a faulty client would."""
+    name = next(k for k, v in arrays.items() if v.is_floating_point() and v.numel() > 1)
+    out = dict(arrays)
+    if kind == "nan":
+        out[name] = torch.full_like(arrays[name], float("nan"))
+    elif kind == "inf":
+        out[name] = arrays[name].clone()
+        out[name].view(-1)[0] = float("inf")
+    elif kind == "shape":
+        out[name] = arrays[name].reshape(-1)[:-1].clone()
+    return out
 
 
 @app.query("describe")
@@ -136,13 +168,24 @@ def train(msg: Message, context: Context) -> Message:
     trainer = TRAINERS.get(cfg.trainer)(cfg)
     model, _ = _models_for(cfg, trainer, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    state = _load_state(context)
     server_round = int(msg.content["config"]["server-round"])
+    pid = data.partition_id
+    fault = injected_fault(cfg, server_round, pid)
+    if fault == "raise":
+        raise RuntimeError(f"injected fault (fault-rate={cfg.fault_rate}): client {pid} crashed")
+    if fault == "timeout":
+        time.sleep(cfg.client_timeout + 1.0)
+    store = _state_store(msg, context, pid)
+    state = store.load(before_round=server_round)
+    _seed_everything(cfg, server_round, pid, 0)
     rule = _update_rule(cfg, trainer, device)
-    metrics = rule.train(model, data, _generator(cfg, server_round, data.partition_id, 0), state)
-    _save_state(context, state)
+    metrics = rule.train(model, data, _generator(cfg, server_round, pid, 0), state)
+    store.save(server_round, state)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if fault in ("nan", "inf", "shape"):
+        weights = _corrupt(weights, fault)
     reply = RecordDict({
-        "arrays": ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "arrays": ArrayRecord(weights),
         "metrics": MetricRecord({
             "num-examples": len(data.train),
             **metrics,
@@ -163,10 +206,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, scratch = _models_for(cfg, trainer, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])
+    pid = data.partition_id
+    state = _state_store(msg, context, pid).load(before_round=server_round + 1)
+    _seed_everything(cfg, server_round, pid, 1)
     rule = _update_rule(cfg, trainer, device)
-    personal = rule.personalized(model, scratch, data,
-                                 _generator(cfg, server_round, data.partition_id, 1),
-                                 _load_state(context))
+    personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),
+                                 state)
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):
         for name, s in trainer.evaluate(m, data, device).items():
