@@ -92,6 +92,9 @@ PARTITIONERS = Registry("partitioner", {
     "iid": Entry("fedtl.data.partition:iid_partition", "uniformly at random, equal sizes"),
     "dirichlet": Entry("fedtl.data.partition:dirichlet_partition",
                        "label skew: per-class shares ~ Dir(alpha) (smaller alpha, more skew)"),
+    "inner-dirichlet": Entry("fedtl.data.partition:inner_dirichlet_partition",
+                             "equal sizes, each client's labels ~ Dir(alpha); never empty "
+                             "(thousands of clients)"),
     "pathological": Entry("fedtl.data.partition:pathological_partition",
                           "exactly labels-per-client labels on every client"),
     "shard": Entry("fedtl.data.partition:shard_partition",

@@ -325,6 +325,8 @@ class Federation:
 
     def __init__(self, grid: Grid, cfg: RunConfig, run_dir: RunDirectory, progress: Progress):
         self.grid, self.cfg, self.run_dir, self.progress = grid, cfg, run_dir, progress
+        if hasattr(grid, "pull_interval"):  # Flower's in-memory grid sleeps 0.1 s between pulls
+            grid.pull_interval = min(grid.pull_interval, 0.002)
         self.spec = dataset_spec(cfg)
         self.clients, self.describe_failures = describe_clients(grid, cfg)
         self.strategy = STRATEGIES.get(cfg.strategy).make_strategy(
@@ -423,7 +425,7 @@ class Federation:
                                          wall)
             self.run_dir.append_round(record)
             self.run_dir.append_timing({"round": rnd, "round_seconds": time.perf_counter() - t0,
-                                        "wall_seconds": wall})
+                                        "wall_seconds": wall, "time": time.time()})
             self.progress.update(record)
         return arrays
 

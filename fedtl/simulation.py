@@ -101,6 +101,48 @@ def quiet_environment() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
 
 
+def _pending_message_pump(state, queue, nodes_mapping, f_stop) -> None:
+    """Flower 1.42's ``vce_api.add_messages_to_queue`` without its cost per node.
+
+    Flower's loop asks the link state for each registered node's next message, every 0.1 s;
+    each ask scans all stored messages, so a scan costs nodes x messages and a message waits
+    up to 0.1 s to be picked up. This version takes one pass over the stored messages to find
+    the nodes that have one pending and asks only those (the same ``get_message_ins`` call,
+    one message per node per pass), polling every 2 ms while messages are waiting. Delivery
+    semantics are unchanged; the cost no longer grows with the number of clients.
+    """
+    nodes = set(nodes_mapping)
+    store = state.message_ins_store
+    lock = getattr(state, "lock", contextlib.nullcontext())
+    while not f_stop.is_set():
+        with lock:
+            pending = {m.metadata.dst_node_id for m in store.values()
+                       if m.metadata.delivered_at == "" and m.metadata.dst_node_id in nodes}
+        for node_id in pending:
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+        f_stop.wait(0.002 if pending else 0.01)
+
+
+@contextlib.contextmanager
+def fast_message_pump() -> Iterator[None]:
+    """Use ``_pending_message_pump`` in Flower's Simulation Engine for the duration (Flower
+    1.42.x only, whose in-memory link state it reads; other versions keep their own loop)."""
+    import flwr
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    original = vce_api.add_messages_to_queue
+    usable = (flwr.__version__.startswith("1.42.")
+              and hasattr(in_memory_linkstate.InMemoryLinkState, "get_message_ins"))
+    if usable:
+        vce_api.add_messages_to_queue = _pending_message_pump
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
+
+
 @contextlib.contextmanager
 def _quiet(verbose: bool) -> Iterator[None]:
     if verbose:
@@ -147,7 +189,7 @@ def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None
             "include_dashboard": False,
         },
     }
-    with _quiet(verbose):
+    with _quiet(verbose), fast_message_pump():
         try:
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=cfg.num_clients, backend_config=backend_config,

@@ -40,6 +40,15 @@ def restore_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(out)
 
 
+def sample_partitions(seed: int, server_round: int, partition_ids: list[int], fraction: float,
+                      minimum: int = 1) -> list[int]:
+    """The partition ids trained in ``server_round``: a seeded draw of ``fraction`` of them."""
+    ordered = sorted(partition_ids)
+    count = min(len(ordered), max(minimum, int(len(ordered) * fraction)))
+    rng = np.random.default_rng([seed, server_round, 0xFEDA])
+    return [ordered[i] for i in sorted(rng.choice(len(ordered), size=count, replace=False))]
+
+
 class FedAvg(FlowerFedAvg):
     """Sample-weighted FedAvg with seeded client sampling by partition id."""
 
@@ -63,11 +72,10 @@ class FedAvg(FlowerFedAvg):
 
     def sample_train(self, server_round: int) -> list[int]:
         """Node ids of the clients trained in ``server_round``, drawn from the seed."""
-        by_partition = sorted(self.clients.items(), key=lambda kv: kv[1])
-        count = max(self.min_train_nodes, int(len(by_partition) * self.fraction_train))
-        rng = np.random.default_rng([self.seed, server_round, 0xFEDA])
-        chosen = sorted(rng.choice(len(by_partition), size=count, replace=False))
-        return [by_partition[i][0] for i in chosen]
+        node_of = {pid: node for node, pid in self.clients.items()}
+        chosen = sample_partitions(self.seed, server_round, list(node_of), self.fraction_train,
+                                   self.min_train_nodes)
+        return [node_of[pid] for pid in chosen]
 
     def _messages(self, node_ids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord,
                   server_round: int, message_type: str) -> list[Message]:
