@@ -36,6 +36,8 @@ from fedtl.results import RunDirectory
 from fedtl.simulation import preflight, simulate
 from fedtl.strategies.fedavg import sample_partitions
 
+PLAIN_THREADS = 0  # torch threads of the plain loop; 0 = all cores (--plain-threads)
+
 CASES = {
     # name: (dataset, model, local-steps, batch-size, lr, rounds)
     "digits-mlr": ("digits", "mlr", 10, 16, 0.05, 20),
@@ -44,22 +46,29 @@ CASES = {
 
 
 class PeakMemory:
-    """Peak summed resident memory (bytes) of this process and all its descendants."""
+    """Peak summed memory (bytes) of this process and all its descendants: RSS, and with
+    ``pss`` the proportional set size too (shared library pages counted once)."""
 
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, interval: float = 0.25, pss: bool = True):
+        self.interval, self.pss = interval, pss
+        self.peak = self.peak_pss = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            rss = pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    if self.pss:
+                        info = p.memory_full_info()
+                        rss, pss = rss + info.rss, pss + info.pss
+                    else:
+                        rss += p.memory_info().rss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -87,7 +96,7 @@ def config_for(case: str, strategy: str, clients: int, args) -> dict:
 def plain_loop(cfg) -> dict:
     """fedtl's client work, sequentially in this process: no Flower, no Ray."""
     started = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(PLAIN_THREADS or os.cpu_count() or 1)
     device = ca._device(cfg)
     fed = federated_data(cfg)
     trainer = TRAINERS.get(cfg.trainer)(cfg)
@@ -169,6 +178,8 @@ def run_case(case: str, strategy: str, clients: int, args) -> dict:
         "plain_startup_seconds": plain["startup_seconds"],
         "fedtl_startup_seconds": sim["startup_seconds"],
         "plain_peak_rss_mb": mem_plain.peak / 2**20, "fedtl_peak_rss_mb": mem_sim.peak / 2**20,
+        "plain_peak_pss_mb": mem_plain.peak_pss / 2**20,
+        "fedtl_peak_pss_mb": mem_sim.peak_pss / 2**20,
         "plain_global_accuracy": plain["global_accuracy"],
         "fedtl_global_accuracy": sim["global_accuracy"],
         "plain_personalized_accuracy": plain["personalized_accuracy"],
@@ -176,8 +187,8 @@ def run_case(case: str, strategy: str, clients: int, args) -> dict:
     }
     print(f"{case:<11} {strategy:<7} {clients:>4} clients/round: plain {p_round:.3f} s/round, "
           f"fedtl {s_round:.3f} s/round (x{row['ratio']:.2f}); start-up plain "
-          f"{plain['startup_seconds']:.1f} s, fedtl {sim['startup_seconds']:.1f} s; peak RSS "
-          f"plain {row['plain_peak_rss_mb']:.0f} MB, fedtl {row['fedtl_peak_rss_mb']:.0f} MB; "
+          f"{plain['startup_seconds']:.1f} s, fedtl {sim['startup_seconds']:.1f} s; peak PSS "
+          f"plain {row['plain_peak_pss_mb']:.0f} MB, fedtl {row['fedtl_peak_pss_mb']:.0f} MB; "
           f"global acc plain {plain['global_accuracy']:.4f} fedtl {sim['global_accuracy']:.4f}; "
           f"personalized plain {plain['personalized_accuracy']:.4f} "
           f"fedtl {sim['personalized_accuracy']:.4f}", flush=True)
@@ -194,7 +205,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--client-num-cpus", type=float, default=1.0)
     p.add_argument("--client-num-gpus", type=float, default=0.0)
+    p.add_argument("--plain-threads", type=int, default=0,
+                   help="torch threads of the plain loop (default: all cores)")
     args = p.parse_args()
+    global PLAIN_THREADS
+    PLAIN_THREADS = args.plain_threads
     rows = [run_case(case, strategy, clients, args)
             for case in args.case or sorted(CASES)
             for clients in args.clients or [10, 100]

@@ -137,6 +137,8 @@ _KEYS: list[Key] = [
     # --- evaluation ----------------------------------------------------------------------
     Key("eval-every", 1, "evaluate every N rounds (the last round is always evaluated)",
         "evaluation", _at_least(1)),
+    Key("eval-fraction", 1.0, "fraction of clients evaluated (the same seeded subset each time)",
+        "evaluation", _fraction),
     Key("finetune-steps", 10, "FedAvg-FT: SGD steps on a client's train split before its "
         "personalized evaluation", "evaluation", _at_least(0)),
     # --- reliability ---------------------------------------------------------------------

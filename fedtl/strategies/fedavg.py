@@ -52,9 +52,10 @@ def sample_partitions(seed: int, server_round: int, partition_ids: list[int], fr
 class FedAvg(FlowerFedAvg):
     """Sample-weighted FedAvg with seeded client sampling by partition id."""
 
-    def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0):
+    def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0,
+                 fraction_evaluate: float = 1.0):
         super().__init__(
-            fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
+            fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=1,
             min_evaluate_nodes=1, min_available_nodes=len(clients),
             evaluate_metrics_aggr_fn=sum_metrics,
         )
@@ -64,7 +65,8 @@ class FedAvg(FlowerFedAvg):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, clients: Mapping[int, int]) -> FedAvg:
-        return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train)
+        return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train,
+                   fraction_evaluate=cfg.eval_fraction)
 
     def summary(self) -> None:
         """Log the sampling settings."""
@@ -92,9 +94,12 @@ class FedAvg(FlowerFedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Send the global model to every client for evaluation."""
-        node_ids = sorted(self.clients, key=self.clients.__getitem__)
-        return self._messages(node_ids, arrays, config, server_round, MessageType.EVALUATE)
+        """Send the global model to the evaluated clients: all of them, or the same seeded
+        ``eval-fraction`` of them every evaluated round (comparable curves)."""
+        node_of = {pid: node for node, pid in self.clients.items()}
+        chosen = sample_partitions(self.seed, 0, list(node_of), self.fraction_evaluate)
+        return self._messages([node_of[p] for p in chosen], arrays, config, server_round,
+                              MessageType.EVALUATE)
 
     def in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda m: self.clients.get(m.metadata.src_node_id, -1))

@@ -30,14 +30,15 @@ class PFedMe(FedAvg):
     """pFedMe: FedAvg's sampling and averaging, then w <- (1 - beta) w + beta mean(w_i)."""
 
     def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0,
-                 beta: float = 1.0):
-        super().__init__(clients=clients, seed=seed, fraction_train=fraction_train)
+                 fraction_evaluate: float = 1.0, beta: float = 1.0):
+        super().__init__(clients=clients, seed=seed, fraction_train=fraction_train,
+                         fraction_evaluate=fraction_evaluate)
         self.beta = beta
 
     @classmethod
     def from_config(cls, cfg: RunConfig, clients: Mapping[int, int]) -> PFedMe:
         return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train,
-                   beta=cfg.beta)
+                   fraction_evaluate=cfg.eval_fraction, beta=cfg.beta)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
