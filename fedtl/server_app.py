@@ -278,11 +278,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def check_train_reply(message: Message, reference: ArrayRecord) -> str | None:
+def check_train_reply(message: Message, reference: ArrayRecord, values: bool = True) -> str | None:
     """Why a training reply must be left out of aggregation, or None if it is usable.
 
-    Usable: exactly the global model's keys and shapes, finite values, and a positive
-    ``num-examples``.
+    Usable: exactly the global model's keys and shapes, a positive ``num-examples`` and, when
+    ``values`` is set, finite values (that check deserialises every array).
     """
     content = message.content
     if "arrays" not in content or "metrics" not in content:
@@ -296,13 +296,20 @@ def check_train_reply(message: Message, reference: ArrayRecord) -> str | None:
         got = arrays[key]
         if list(got.shape) != list(ref.shape):
             return f"weights '{key}' have shape {list(got.shape)}, expected {list(ref.shape)}"
-        values = got.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            return f"non-finite weights (NaN/Inf) in '{key}'"
     n = content["metrics"].get("num-examples")
     if not isinstance(n, int | float) or not n > 0 or not math.isfinite(n):
         return f"num-examples = {n!r} is not a positive number"
+    if values:
+        for key in reference.keys():
+            a = arrays[key].numpy()
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                return f"non-finite weights (NaN/Inf) in '{key}'"
     return None
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(np.isfinite(a).all() for a in (v.numpy() for v in arrays.values())
+               if a.dtype.kind == "f")
 
 
 def _exchange(grid: Grid, messages: list[Message], timeout: float, clients: dict[int, ClientInfo],
@@ -350,17 +357,27 @@ class Federation:
         messages = list(self.strategy.configure_train(rnd, arrays, self._config(), self.grid))
         replies, failures = _exchange(self.grid, messages, self.cfg.client_timeout,
                                       self.clients, "train")
-        usable = []
-        for m in replies:
-            problem = check_train_reply(m, arrays)
-            if problem is None:
-                usable.append(m)
-            else:
-                info = self.clients.get(m.metadata.src_node_id)
-                failures.append({"partition_id": info.partition_id if info else None,
-                                 "stage": "train", "reason": problem})
+        def screen(candidates: list[Message], values: bool) -> list[Message]:
+            kept = []
+            for m in candidates:
+                problem = check_train_reply(m, arrays, values)
+                if problem is None:
+                    kept.append(m)
+                else:
+                    info = self.clients.get(m.metadata.src_node_id)
+                    failures.append({"partition_id": info.partition_id if info else None,
+                                     "stage": "train", "reason": problem})
+            return kept
+
+        # Structure first (no deserialisation); a weighted mean with positive weights is
+        # finite only if every input is, so values are inspected only when the mean is not.
+        usable = screen(replies, values=False)
         self._fail_if_too_few(rnd, len(usable), failures)
         new_arrays, metrics = self.strategy.aggregate_train(rnd, usable)
+        if new_arrays is not None and not _finite(new_arrays):
+            usable = screen(usable, values=True)
+            self._fail_if_too_few(rnd, len(usable), failures)
+            new_arrays, metrics = self.strategy.aggregate_train(rnd, usable)
         if new_arrays is None:
             raise RunFailed(f"round {rnd}: aggregation produced no model")
         record = {

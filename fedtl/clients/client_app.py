@@ -15,6 +15,7 @@ Messages handled:
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -40,9 +41,15 @@ _threads_set = False
 
 
 def run_config(message: Message) -> RunConfig:
-    """The run configuration a message carries."""
-    return make_config(dict(message.content["config"]), where="message from the server",
-                       ignore_unknown=MESSAGE_KEYS)
+    """The run configuration a message carries (validated once per process per config)."""
+    items = tuple(sorted((k, v) for k, v in message.content["config"].items()
+                         if k not in MESSAGE_KEYS))
+    return _parse_config(items)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config(items: tuple) -> RunConfig:
+    return make_config(dict(items), where="message from the server")
 
 
 def _setup_threads(cfg: RunConfig) -> None:
