@@ -116,6 +116,9 @@ _KEYS: list[Key] = [
     Key("weight-decay", 0.0, "client L2 weight decay", "federation", _non_negative),
     Key("seed", 0, "seed for partitions, splits, sampling, initialisation and batches",
         "federation", _at_least(0)),
+    Key("client-timeout", 3600.0, "seconds the server waits for the clients' replies to one "
+        "request (describe, train, evaluate); a client that has not replied by then is recorded "
+        "as failed and the round goes on without it", "federation", _positive),
     # --- pFedMe --------------------------------------------------------------------------
     Key("beta", 1.0, "pFedMe: server mixing w <- (1-beta) w + beta mean(w_i)", "pfedme", _beta),
     Key("pfedme-lambda", 15.0, "pFedMe: Moreau-envelope regularisation lambda", "pfedme",

@@ -6,8 +6,10 @@ evaluate every ``eval-every`` rounds, record per-client results and failures, sh
 and write each finished round to disk before the next begins.
 
 A run starts with a ``query.describe`` message to every client: clients report their partition
-id, split sizes and label counts. The strategy samples by partition id (reproducible from the
-seed), and the partition statistics in the run directory are what the clients really hold.
+id (or get one assigned when they hold their own data), split sizes and label counts. The
+strategy samples by partition id (reproducible from the seed), and the partition statistics in
+the run directory are what the clients really hold. A client that fails or does not reply
+within ``client-timeout`` is recorded as a failure and the round goes on without it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from fedtl.results import RunDirectory
 log = logging.getLogger("fedtl")
 
 CONNECT_TIMEOUT = 600.0  # seconds to wait for the SuperNodes of a deployment to connect
-REPLY_TIMEOUT = 24 * 3600.0
 
 
 class RunFailed(RuntimeError):
@@ -88,27 +89,66 @@ def _bytes(arrays: ArrayRecord) -> int:
     return int(arrays.count_bytes())
 
 
-def _failures(replies: Iterable[Message], clients: dict[int, ClientInfo], stage: str) -> list[dict]:
-    out = []
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
+             clients: dict[int, ClientInfo], stage: str) -> tuple[list[Message], list[dict]]:
+    """Send ``messages``, wait at most ``timeout`` seconds, and sort out what came back.
+
+    Returns the good replies and one failure record per client that replied with an error
+    (its own exception, or the SuperLink's "node unavailable" for a SuperNode that stopped
+    sending heartbeats) or did not reply in time.
+    """
+    sent = list(messages)
+    replies = list(grid.send_and_receive(sent, timeout=timeout))
+    # Both grids give each pushed message its id; an error the SuperLink makes on a node's
+    # behalf comes from node 0, so replies are matched to the requests they answer.
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    answered: set[int] = set()
+    ok, failures = [], []
+
+    def failure(node_id: int, reason: str) -> dict:
+        info = clients.get(node_id)
+        return {"partition_id": info.partition_id if info else None, "node_id": node_id,
+                "stage": stage, "reason": reason}
+
     for m in replies:
+        node_id = destination.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+        answered.add(node_id)
         if m.has_error():
-            info = clients.get(m.metadata.src_node_id)
-            out.append({
-                "partition_id": info.partition_id if info else None,
-                "node_id": m.metadata.src_node_id, "stage": stage, "reason": error_reason(m),
-            })
-    return out
+            failures.append(failure(node_id, error_reason(m)))
+        else:
+            ok.append(m)
+    for m in sent:
+        if m.metadata.dst_node_id not in answered:
+            failures.append(failure(m.metadata.dst_node_id,
+                                    f"no reply within client-timeout = {timeout:g} s"))
+    return ok, failures
 
 
-def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> list[Message]:
+def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> tuple[list[Message], list[dict]]:
     config = ConfigRecord(dict(cfg))
     messages = [Message(RecordDict({"config": config}), dst_node_id=n,
                         message_type="query.describe") for n in node_ids]
-    return list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+    return exchange(grid, messages, cfg.client_timeout, {}, "describe")
+
+
+def assign_partition_ids(reported: dict[int, int]) -> dict[int, int]:
+    """Partition ids by node id: a node's own (its node config's ``partition-id``), else the
+    smallest free ids, given in node-id order (node ids are fixed when keys are registered).
+    """
+    taken = [p for p in reported.values() if p >= 0]
+    if len(set(taken)) != len(taken):
+        raise RunFailed("two SuperNodes report the same partition-id; give each its own")
+    free = (i for i in range(len(reported) + len(taken)) if i not in taken)
+    return {n: (p if p >= 0 else next(free)) for n, p in sorted(reported.items())}
 
 
 def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo], list[dict]]:
     """Ask every connected node for its partition and split sizes; wait for all of them.
+
+    Nodes that reply with an error (e.g. unreadable local data) or not within
+    ``client-timeout`` are left out of the run and returned as failures; the run stops only
+    when no node can take part. Nodes holding their own data (``data-path``) without a
+    ``partition-id`` get one here (``assign_partition_ids``).
 
     If fewer than ``num-clients`` nodes are connected after a few seconds, the connected ones
     are asked once: when all of them refuse the run (e.g. the federation has a different
@@ -121,9 +161,9 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
         now = time.monotonic()
         if not probed and node_ids and now - started > 3:
             probed = True
-            replies = _describe(grid, cfg, node_ids)
-            if replies and all(m.has_error() for m in replies):
-                raise RunFailed(f"clients refused the run: {error_reason(replies[0])}")
+            replies, refusals = _describe(grid, cfg, node_ids)
+            if refusals and not replies:
+                raise RunFailed(f"clients refused the run: {refusals[0]['reason']}")
         if now - started > CONNECT_TIMEOUT:
             raise RunFailed(
                 f"only {len(node_ids)} of num-clients={cfg.num_clients} SuperNodes connected "
@@ -133,23 +173,23 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
             log.info("waiting for SuperNodes: %d of %d connected", len(node_ids), cfg.num_clients)
             next_note = now + 30
         time.sleep(0.5)
-    clients: dict[int, ClientInfo] = {}
-    failures = []
-    for m in _describe(grid, cfg, node_ids):
-        if m.has_error():
-            failures.append({"node_id": m.metadata.src_node_id, "stage": "describe",
-                             "reason": error_reason(m), "partition_id": None})
-            continue
-        stats = dict(m.content["stats"])
-        pid = int(stats["partition-id"])
-        stats["label-counts"] = [int(c) for c in stats["label-counts"]]
-        clients[m.metadata.src_node_id] = ClientInfo(m.metadata.src_node_id, pid, stats)
-    if not clients:
+    replies, failures = _describe(grid, cfg, node_ids)
+    if not replies:
         reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
         raise RunFailed(f"no client could describe its data: {reasons}")
-    seen = [c.partition_id for c in clients.values()]
-    if len(set(seen)) != len(seen):
-        raise RunFailed("two SuperNodes report the same partition-id; give each its own")
+    stats_by_node = {}
+    for m in replies:
+        stats = dict(m.content["stats"])
+        stats["label-counts"] = [int(c) for c in stats["label-counts"]]
+        stats_by_node[m.metadata.src_node_id] = stats
+    ids = assign_partition_ids({n: int(s["partition-id"]) for n, s in stats_by_node.items()})
+    clients: dict[int, ClientInfo] = {}
+    for node_id, stats in stats_by_node.items():
+        stats["partition-id"] = ids[node_id]
+        clients[node_id] = ClientInfo(node_id, ids[node_id], stats)
+    if failures:
+        log.warning("%d of %d clients cannot take part: %s", len(failures), len(node_ids),
+                    "; ".join(sorted({f["reason"] for f in failures})))
     return clients, failures
 
 
@@ -306,9 +346,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
 
             messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(cfg)), grid))
             sent = _bytes(arrays) * len(messages)
-            replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-            failures += _failures(replies, clients, "train")
-            ok = [m for m in replies if not m.has_error()]
+            ok, failed = exchange(grid, messages, cfg.client_timeout, clients, "train")
+            failures += failed
             received = sum(_bytes(m.content["arrays"]) for m in ok)
             new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
             if new_arrays is None:
@@ -324,9 +363,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
                 messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(cfg)),
                                                             grid))
                 sent += _bytes(arrays) * len(messages)
-                replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-                failures += _failures(replies, clients, "evaluate")
-                strategy.aggregate_evaluate(rnd, [m for m in replies if not m.has_error()])
+                replies, failed = exchange(grid, messages, cfg.client_timeout, clients,
+                                           "evaluate")
+                failures += failed
+                if not replies:
+                    reasons = "; ".join(sorted({f["reason"] for f in failed})) or "no replies"
+                    raise RunFailed(f"round {rnd}: no client could evaluate ({reasons})")
+                strategy.aggregate_evaluate(rnd, replies)
                 rows = client_rows(replies, clients)
                 record.update(summarize_round(rows))
                 record["centralized_accuracy"] = None
