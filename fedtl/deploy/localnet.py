@@ -33,7 +33,7 @@ from fedtl.deploy.certs import Certs, make_certs
 
 SUBNET = "10.231.0"
 LINK_ADDRESS = f"{SUBNET}.1"
-SUPERLINK_PORT = 9093
+SUPERLINK_PORT = 8000  # Flower 1.42's default
 CONNECTION = "fedtl"  # the connection's name in the CLI's $FLWR_HOME/config.toml
 
 
@@ -89,10 +89,25 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def _signal(pids: Sequence[int], sig: int) -> None:
-    for p in pids:
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _identify(pids: Sequence[int]) -> list[tuple[int, int]]:
+    """(pid, start time) pairs: a pid is signalled later only if it is still that process."""
+    return [(p, t) for p in pids if (t := _start_time(p)) is not None]
+
+
+def _signal(procs: Sequence[tuple[int, int]], sig: int) -> None:
+    for pid, started in procs:
+        if _start_time(pid) != started:
+            continue  # gone, or the pid now belongs to another process
         try:
-            os.kill(p, sig)
+            os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -179,7 +194,7 @@ class LocalDeployment:
              "--disable-runtime-dependency-installation",
              "--host", "0.0.0.0" if self.isolate else self.host, "--port", str(self.port)],
             self.link_namespace)
-        self._wait_for(self.superlink, "Uvicorn running on", 60)
+        self._wait_for(self.superlink, "Uvicorn running on", 180)
         home = self._home("cli")
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -187,17 +202,17 @@ class LocalDeployment:
 
     def close(self) -> None:
         """Stop every started process (and its descendants) by id; delete the namespaces."""
-        trees = [process_tree(p.pid) for p in reversed(self.procs) if p.alive()]
-        for pids in trees:
-            _signal(pids, signal.SIGTERM)
+        trees = [_identify(process_tree(p.pid)) for p in reversed(self.procs) if p.alive()]
+        for procs in trees:
+            _signal(procs, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in self.procs:
             try:
                 p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for pids in trees:  # whatever ignored SIGTERM, and descendants left behind
-            _signal([q for q in pids if Path(f"/proc/{q}").exists()], signal.SIGKILL)
+        for procs in trees:  # whatever ignored SIGTERM, and descendants left behind
+            _signal(procs, signal.SIGKILL)
         for p in self.procs:
             try:
                 p.popen.wait(timeout=5)
@@ -333,21 +348,11 @@ class LocalDeployment:
             args += ["--root-certificates", self.certs.ca_cert]
         return self._spawn(name, args, namespace)
 
-    def wait_online(self, count: int, timeout: float = 120) -> None:
-        """Wait until ``count`` SuperNodes are online."""
+    def wait_connected(self, procs: Sequence[Proc], timeout: float = 180) -> None:
+        """Wait until each SuperNode in ``procs`` has been let in (it logs its node id)."""
         deadline = time.monotonic() + timeout
-        while True:
-            result = self.cli(["supernode", "list", CONNECTION, "--format", "json"])
-            online = 0
-            if result.returncode == 0 and result.stdout.strip():
-                nodes = _json(result.stdout).get("nodes", [])
-                online = sum(1 for n in nodes if n.get("status") == "online")
-            if online >= count:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{online} of {count} SuperNodes online after {timeout:.0f} s:"
-                                   f"\n{result.stdout}{result.stderr}")
-            time.sleep(1)
+        for proc in procs:
+            self._wait_for(proc, "SuperNode ID:", max(1.0, deadline - time.monotonic()))
 
     def start_run(self, app: Path, run_config: Mapping[str, Any], name: str = "run") -> Proc:
         """``flwr run APP <connection> --stream --run-config ...`` in the background."""
@@ -356,7 +361,7 @@ class LocalDeployment:
 
     def stop(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to ``proc`` and every process it started (a crashed machine)."""
-        _signal(process_tree(proc.pid), sig)
+        _signal(_identify(process_tree(proc.pid)), sig)
         try:
             proc.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
