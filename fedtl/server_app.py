@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -77,8 +78,11 @@ class ClientInfo:
 
 
 def error_reason(message: Message) -> str:
-    """The readable part of a client's error reply (Flower wraps the exception text)."""
+    """The readable part of a client's error reply. Flower wraps the exception text:
+    ``<class 'ValueError'>:<'text'>`` from a SuperNode, ``... Message: text`` in simulation."""
     reason = message.error.reason
+    if wrapped := re.fullmatch(r"<class '[^']*'>:<'(.*)'>", reason.strip(), re.DOTALL):
+        return wrapped.group(1).strip()
     marker = "Message: "
     if marker in reason:
         reason = reason.split(marker, 1)[1]

@@ -24,7 +24,7 @@ from fedtl.clients.client_app import app as client_app
 from fedtl.config import make_config
 from fedtl.deploy.certs import make_certs
 from fedtl.results import RunDirectory
-from fedtl.server_app import RunFailed, assign_partition_ids, run_federation
+from fedtl.server_app import RunFailed, assign_partition_ids, error_reason, run_federation
 
 # --- certificates ---------------------------------------------------------------------------
 
@@ -114,8 +114,8 @@ class InProcessGrid(Grid):
                 continue
             try:
                 replies.append(client_app(m, self.contexts[node]))
-            except Exception as exc:  # as Flower's ClientApp runtime reports it
-                reason = f"\nException {type(exc).__name__} occurred. Message: {exc}"
+            except Exception as exc:  # as a SuperNode's ClientApp runtime reports it
+                reason = str(type(exc)) + ":<'" + str(exc) + "'>"
                 replies.append(Message(Error(code=2, reason=reason), reply_to=m))
         return replies
 
@@ -197,6 +197,15 @@ def test_the_run_stops_with_a_clear_error_when_no_client_is_left(tmp_path, sites
     with pytest.raises(RunFailed, match="round 1: no client returned weights"):
         run_federation(grid, _cfg(tmp_path, num_clients=2, client_timeout=1.0),
                        RunDirectory.create(_cfg(tmp_path, num_clients=2)))
+
+
+def test_error_reasons_are_read_from_both_of_flowers_wrappings():
+    request = Message(RecordDict(), dst_node_id=3, message_type="train")
+    request.metadata.__dict__["_message_id"] = "m"
+    for wrapped in ("<class 'fedtl.data.local.LocalDataError'>:<'data-path 'x': bad'>",
+                    "\nException LocalDataError occurred. Message: data-path 'x': bad"):
+        reply = Message(Error(code=2, reason=wrapped), reply_to=request)
+        assert error_reason(reply) == "data-path 'x': bad"
 
 
 def test_own_data_and_demo_partitions_get_distinct_partition_ids():

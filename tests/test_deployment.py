@@ -2,8 +2,8 @@
 SuperNode authentication on, each process with its own FLWR_HOME.
 
 Run as root with iproute2, every SuperNode sits in its own network namespace with its own
-address on a veth link to the SuperLink's bridge (a real network hop); otherwise all listen on
-127.0.0.1. The SuperNodes read their own .npz files (``data-path``). One deployment serves all
+address on a veth link to the SuperLink's bridge (a real network hop); otherwise (or with
+FEDTL_TEST_NETNS=0) all listen on 127.0.0.1. The SuperNodes read their own .npz files (``data-path``). One deployment serves all
 tests, in order: the refusals (an unregistered key; no CA certificate), two rounds of FedAvg
 (the same numbers as the same clients in-process), then two rounds of pFedMe during which one
 SuperNode is killed. The SuperLink's Grid polls every 3 s and each message starts a ClientApp
@@ -12,6 +12,7 @@ process, so rounds are few and the data tiny.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -44,7 +45,9 @@ def deployment(tmp_path_factory):
         configs[name] = {"data-path": str(path)}
         if i < 2:  # site-3 holds only its data: the server assigns its partition id
             configs[name]["partition-id"] = i
-    dep = LocalDeployment(work, node_keys=[*SITES, "spare", "stranger"])
+    # FEDTL_TEST_NETNS=0 keeps everything on 127.0.0.1 even where namespaces could be made.
+    isolate = {"0": False, "1": True}.get(os.environ.get("FEDTL_TEST_NETNS", ""))
+    dep = LocalDeployment(work, node_keys=[*SITES, "spare", "stranger"], isolate=isolate)
     started: list[int] = []
     with dep:
         print(f"deployment: {'network namespaces' if dep.isolate else '127.0.0.1'}, "
