@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterable
 
@@ -55,18 +53,16 @@ def test_certs_sign_the_superlink_for_its_hosts_and_make_flower_readable_node_ke
     assert certs.ca_cert.read_bytes() != first_ca
 
 
-def test_certs_command_and_bad_hosts(tmp_path):
+def test_certs_command_and_bad_hosts(tmp_path, capsys):
+    from fedtl.cli import main
+
     out = tmp_path / "c"
-    ok = subprocess.run([sys.executable, "-m", "fedtl", "deploy", "certs", str(out), "--host",
-                         "10.0.0.7", "--supernodes", "3"], capture_output=True, text=True,
-                        timeout=120)
-    assert ok.returncode == 0, ok.stderr
+    assert main(["deploy", "certs", str(out), "--host", "10.0.0.7", "--supernodes", "3"]) == 0
     assert sorted(p.name for p in (out / "supernodes").iterdir()) == [
         f"supernode-{i}.{ext}" for i in (1, 2, 3) for ext in ("key", "pub")]
-    assert "flwr supernode register" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "fedtl", "deploy", "certs", str(tmp_path / "d"),
-                          "--host", "https://x:8000"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not a host name or an IP address" in bad.stderr
+    assert "flwr supernode register" in capsys.readouterr().out
+    assert main(["deploy", "certs", str(tmp_path / "d"), "--host", "https://x:8000"]) == 2
+    assert "not a host name or an IP address" in capsys.readouterr().err
 
 
 # --- the server loop against misbehaving clients ------------------------------------------

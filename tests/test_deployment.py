@@ -3,11 +3,11 @@ SuperNode authentication on, each process with its own FLWR_HOME.
 
 Run as root with iproute2, every SuperNode sits in its own network namespace with its own
 address on a veth link to the SuperLink's bridge (a real network hop); otherwise (or with
-FEDTL_TEST_NETNS=0) all listen on 127.0.0.1. The SuperNodes read their own .npz files (``data-path``). One deployment serves all
-tests, in order: the refusals (an unregistered key; no CA certificate), two rounds of FedAvg
-(the same numbers as the same clients in-process), then two rounds of pFedMe during which one
-SuperNode is killed. The SuperLink's Grid polls every 3 s and each message starts a ClientApp
-process, so rounds are few and the data tiny.
+FEDTL_TEST_NETNS=0) all listen on 127.0.0.1. The SuperNodes read their own .npz files
+(``data-path``). One deployment serves all tests, in order: the refusals (an unregistered key;
+no CA certificate), two rounds of FedAvg (the same numbers as the same clients in-process),
+then two rounds of pFedMe during which one SuperNode is killed. The SuperLink's Grid polls
+every 3 s and each message starts a ClientApp process, so rounds are few and the data tiny.
 """
 
 from __future__ import annotations

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -146,13 +144,12 @@ def test_too_few_samples_to_train_on(tmp_path, digits):
         local_client_data(path, DIGITS_CFG)
 
 
-def test_check_data_command(tmp_path, digits):
+def test_check_data_command(tmp_path, digits, capsys):
+    from fedtl.cli import main
+
     x, y = digits
     path = _npz(tmp_path / "site.npz", x=x[:100], y=y[:100])
-    ok = subprocess.run([sys.executable, "-m", "fedtl", "deploy", "check-data", str(path)],
-                        capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["num-train"] == 60
-    bad = subprocess.run([sys.executable, "-m", "fedtl", "deploy", "check-data", str(path),
-                          "--set", "dataset=mnist"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "needs images of shape" in bad.stderr
+    assert main(["deploy", "check-data", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["num-train"] == 60
+    assert main(["deploy", "check-data", str(path), "--set", "dataset=mnist"]) == 2
+    assert "needs images of shape" in capsys.readouterr().err

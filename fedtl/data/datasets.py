@@ -222,4 +222,5 @@ FASHION_MNIST = _torchvision_spec("fashion-mnist", (1, 28, 28), 60000, Torchvisi
     "FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, (0.2860,), (0.3530,)))
 CIFAR10 = _torchvision_spec("cifar10", (3, 32, 32), 50000, TorchvisionLoader(
     "CIFAR10", "cifar-10-batches-py",
-    tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
