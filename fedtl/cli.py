@@ -1,4 +1,5 @@
-"""The ``fedtl`` command: run simulations, list what exists, plot run directories."""
+"""The ``fedtl`` command: run simulations, list what exists, plot run directories, and prepare
+a deployment on real machines (``fedtl deploy certs``, ``fedtl deploy check-data``)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,48 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from fedtl.deploy.certs import default_hosts, make_certs
+
+    hosts = list(args.host or []) or default_hosts()
+    try:
+        certs = make_certs(args.out_dir, hosts, args.names or args.supernodes, days=args.days,
+                           force=args.force)
+    except (FileExistsError, ValueError) as exc:
+        print(f"fedtl: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    out = certs.out_dir
+    print(f"CA:        {certs.ca_cert}  (copy to every SuperNode and to where you run flwr; "
+          f"keep {certs.ca_key.name} private)")
+    print(f"SuperLink: {certs.superlink_cert}, {certs.superlink_key}  valid for "
+          + ", ".join(certs.hosts))
+    for name, (private, public) in certs.supernode_keys.items():
+        print(f"SuperNode {name}: {private} (stays on that machine), {public} (register it)")
+    print(f"\nnext (see README, 'Run on real machines'):\n"
+          f"  flower-superlink --host 0.0.0.0 --ssl-certfile {out}/superlink.pem "
+          f"--ssl-keyfile {out}/superlink.key --ssl-ca-certfile {out}/ca.pem "
+          f"--enable-supernode-auth --disable-runtime-dependency-installation")
+    for name, (_, public) in certs.supernode_keys.items():
+        print(f"  flwr supernode register {public} fedtl")
+    return 0
+
+
+def _cmd_deploy_check_data(args: argparse.Namespace) -> int:
+    from fedtl.data.local import LocalDataError, client_stats, local_client_data
+    from fedtl.registry import DATASETS
+
+    cfg = resolve(args.config, args.set or [])
+    try:
+        data = local_client_data(args.path, cfg)
+    except LocalDataError as exc:
+        print(f"fedtl: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stats = client_stats(data, DATASETS.get(cfg.dataset).num_classes)
+    stats.pop("partition-id")
+    print(json.dumps({"data-path": str(args.path), "dataset": cfg.dataset, **stats}))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtl", description="Federated transfer learning on "
                                 "Flower + Ray: FedAvg and pFedMe over non-IID partitions.")
@@ -141,6 +184,31 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="comparison figure for several DIRs "
                       "(default: compare-accuracy.png)")
     plot.set_defaults(func=_cmd_plot)
+
+    deploy = sub.add_parser("deploy", help="run on real machines (README: 'Run on real "
+                            "machines')")
+    dsub = deploy.add_subparsers(dest="deploy_command", required=True)
+    certs = dsub.add_parser("certs", help="create a CA, the SuperLink's TLS certificate and "
+                            "SuperNode authentication keys")
+    certs.add_argument("out_dir", metavar="OUT_DIR")
+    certs.add_argument("--host", action="append", metavar="NAME_OR_IP",
+                       help="a host name or IP address SuperNodes use to reach the SuperLink "
+                       "(repeatable; default: this machine's host name; localhost, 127.0.0.1 "
+                       "and ::1 are always included)")
+    certs.add_argument("--supernodes", type=int, default=2, metavar="N",
+                       help="number of SuperNode key pairs, named supernode-1 ... (default 2)")
+    certs.add_argument("--names", nargs="+", metavar="NAME",
+                       help="SuperNode key names instead of --supernodes (e.g. hospital-a)")
+    certs.add_argument("--days", type=int, default=365, help="certificate validity (days)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(func=_cmd_deploy_certs)
+    check = dsub.add_parser("check-data", help="check that a SuperNode's data-path can be "
+                            "read for a run config; print its split sizes and label counts")
+    check.add_argument("path", metavar="DATA_PATH")
+    check.add_argument("config", nargs="?", help="TOML run-config (its dataset and splits)")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key (repeatable), e.g. --set dataset=mnist")
+    check.set_defaults(func=_cmd_deploy_check_data)
     return p
 
 

@@ -6,20 +6,23 @@ evaluate every ``eval-every`` rounds, record per-client results and failures, sh
 and write each finished round to disk before the next begins.
 
 A run starts with a ``query.describe`` message to every client: clients report their partition
-id, split sizes and label counts. The strategy samples by partition id (reproducible from the
-seed), and the partition statistics in the run directory are what the clients really hold.
+id (or get one assigned when they hold their own data), split sizes and label counts. The
+strategy samples by partition id (reproducible from the seed), and the partition statistics in
+the run directory are what the clients really hold. A client that fails or does not reply
+within ``client-timeout`` is recorded as a failure and the round goes on without it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
-
-import numpy as np
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -33,6 +36,7 @@ from fedtl.results import RunDirectory
 log = logging.getLogger("fedtl")
 
 CONNECT_TIMEOUT = 600.0  # seconds to wait for the SuperNodes of a deployment to connect
+DESCRIBE_TIMEOUT = 60.0  # least seconds to wait for the describe replies
 
 
 class RunFailed(RuntimeError):
@@ -77,8 +81,11 @@ class ClientInfo:
 
 
 def error_reason(message: Message) -> str:
-    """The readable part of a client's error reply (Flower wraps the exception text)."""
+    """The readable part of a client's error reply. Flower wraps the exception text:
+    ``<class 'ValueError'>:<'text'>`` from a SuperNode, ``... Message: text`` in simulation."""
     reason = message.error.reason
+    if wrapped := re.fullmatch(r"<class '[^']*'>:<'(.*)'>", reason.strip(), re.DOTALL):
+        return wrapped.group(1).strip()
     marker = "Message: "
     if marker in reason:
         reason = reason.split(marker, 1)[1]
@@ -89,26 +96,70 @@ def _bytes(arrays: ArrayRecord) -> int:
     return int(arrays.count_bytes())
 
 
-def _failures(replies: Iterable[Message], clients: dict[int, ClientInfo], stage: str) -> list[dict]:
-    out = []
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
+             clients: dict[int, ClientInfo], stage: str) -> tuple[list[Message], list[dict]]:
+    """Send ``messages``, wait at most ``timeout`` seconds, and sort out what came back.
+
+    Returns the good replies and one failure record per client that replied with an error
+    (its own exception, or the SuperLink's "node unavailable" for a SuperNode that stopped
+    sending heartbeats) or did not reply in time.
+    """
+    sent = list(messages)
+    replies = list(grid.send_and_receive(sent, timeout=timeout))
+    # Both grids give each pushed message its id; an error the SuperLink makes on a node's
+    # behalf comes from node 0, so replies are matched to the requests they answer.
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    answered: set[int] = set()
+    ok, failures = [], []
+
+    def failure(node_id: int, reason: str) -> dict:
+        info = clients.get(node_id)
+        if info is None:  # not yet known by partition (describe): the node id is all there is
+            return {"partition_id": None, "node_id": node_id, "stage": stage, "reason": reason}
+        # by partition id only: simulated node ids change between runs, rounds.jsonl must not
+        return {"partition_id": info.partition_id, "stage": stage, "reason": reason}
+
     for m in replies:
+        node_id = destination.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+        answered.add(node_id)
         if m.has_error():
-            info = clients.get(m.metadata.src_node_id)
-            out.append({"partition_id": info.partition_id if info else None, "stage": stage,
-                        "reason": error_reason(m)})
-    return out
+            failures.append(failure(node_id, error_reason(m)))
+        else:
+            ok.append(m)
+    for m in sent:
+        if m.metadata.dst_node_id not in answered:
+            failures.append(failure(m.metadata.dst_node_id,
+                                    f"no reply within client-timeout = {timeout:g} s"))
+    return ok, failures
 
 
-def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> list[Message]:
+def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> tuple[list[Message], list[dict]]:
     config = ConfigRecord(dict(cfg))
     messages = [Message(RecordDict({"config": config}), dst_node_id=n,
                         message_type="query.describe") for n in node_ids]
-    # The first message to each actor also loads the data: wait as long as for connections.
-    return list(grid.send_and_receive(messages, timeout=max(cfg.client_timeout, CONNECT_TIMEOUT)))
+    # The first message to a simulation actor also imports torch and loads the data, which
+    # can take tens of seconds on a busy machine: give it at least DESCRIBE_TIMEOUT.
+    return exchange(grid, messages, max(cfg.client_timeout, DESCRIBE_TIMEOUT), {}, "describe")
+
+
+def assign_partition_ids(reported: dict[int, int]) -> dict[int, int]:
+    """Partition ids by node id: a node's own (its node config's ``partition-id``), else the
+    smallest free ids, given in node-id order (node ids are fixed when keys are registered).
+    """
+    taken = [p for p in reported.values() if p >= 0]
+    if len(set(taken)) != len(taken):
+        raise RunFailed("two SuperNodes report the same partition-id; give each its own")
+    free = (i for i in range(len(reported) + len(taken)) if i not in taken)
+    return {n: (p if p >= 0 else next(free)) for n, p in sorted(reported.items())}
 
 
 def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo], list[dict]]:
     """Ask every connected node for its partition and split sizes; wait for all of them.
+
+    Nodes that reply with an error (e.g. unreadable local data) or not within
+    ``client-timeout`` are left out of the run and returned as failures; the run stops only
+    when no node can take part. Nodes holding their own data (``data-path``) without a
+    ``partition-id`` get one here (``assign_partition_ids``).
 
     If fewer than ``num-clients`` nodes are connected after a few seconds, the connected ones
     are asked once: when all of them refuse the run (e.g. the federation has a different
@@ -121,9 +172,9 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
         now = time.monotonic()
         if not probed and node_ids and now - started > 3:
             probed = True
-            replies = _describe(grid, cfg, node_ids)
-            if replies and all(m.has_error() for m in replies):
-                raise RunFailed(f"clients refused the run: {error_reason(replies[0])}")
+            replies, refusals = _describe(grid, cfg, node_ids)
+            if refusals and not replies:
+                raise RunFailed(f"clients refused the run: {refusals[0]['reason']}")
         if now - started > CONNECT_TIMEOUT:
             raise RunFailed(
                 f"only {len(node_ids)} of num-clients={cfg.num_clients} SuperNodes connected "
@@ -133,23 +184,23 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
             log.info("waiting for SuperNodes: %d of %d connected", len(node_ids), cfg.num_clients)
             next_note = now + 30
         time.sleep(0.5)
-    clients: dict[int, ClientInfo] = {}
-    failures = []
-    for m in _describe(grid, cfg, node_ids):
-        if m.has_error():
-            failures.append({"partition_id": None, "stage": "describe",
-                             "reason": error_reason(m)})
-            continue
-        stats = dict(m.content["stats"])
-        pid = int(stats["partition-id"])
-        stats["label-counts"] = [int(c) for c in stats["label-counts"]]
-        clients[m.metadata.src_node_id] = ClientInfo(m.metadata.src_node_id, pid, stats)
-    if not clients:
+    replies, failures = _describe(grid, cfg, node_ids)
+    if not replies:
         reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
         raise RunFailed(f"no client could describe its data: {reasons}")
-    seen = [c.partition_id for c in clients.values()]
-    if len(set(seen)) != len(seen):
-        raise RunFailed("two SuperNodes report the same partition-id; give each its own")
+    stats_by_node = {}
+    for m in replies:
+        stats = dict(m.content["stats"])
+        stats["label-counts"] = [int(c) for c in stats["label-counts"]]
+        stats_by_node[m.metadata.src_node_id] = stats
+    ids = assign_partition_ids({n: int(s["partition-id"]) for n, s in stats_by_node.items()})
+    clients: dict[int, ClientInfo] = {}
+    for node_id, stats in stats_by_node.items():
+        stats["partition-id"] = ids[node_id]
+        clients[node_id] = ClientInfo(node_id, ids[node_id], stats)
+    if failures:
+        log.warning("%d of %d clients cannot take part: %s", len(failures), len(node_ids),
+                    "; ".join(sorted({f["reason"] for f in failures})))
     return clients, failures
 
 
@@ -312,21 +363,6 @@ def _finite(arrays: ArrayRecord) -> bool:
                if a.dtype.kind == "f")
 
 
-def _exchange(grid: Grid, messages: list[Message], timeout: float, clients: dict[int, ClientInfo],
-              stage: str) -> tuple[list[Message], list[dict]]:
-    """Send, wait up to ``timeout`` seconds, and split replies into good ones and failures."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    failures = _failures(replies, clients, stage)
-    answered = {m.metadata.src_node_id for m in replies}
-    for m in messages:
-        node = m.metadata.dst_node_id
-        if node not in answered:
-            info = clients.get(node)
-            failures.append({"partition_id": info.partition_id if info else None, "stage": stage,
-                             "reason": f"no reply within client-timeout={timeout:g} s"})
-    return [m for m in replies if not m.has_error()], failures
-
-
 class Federation:
     """One run: the connected clients, the strategy, and the round loop."""
 
@@ -355,8 +391,8 @@ class Federation:
     def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         """Train the sampled clients and aggregate the usable replies."""
         messages = list(self.strategy.configure_train(rnd, arrays, self._config(), self.grid))
-        replies, failures = _exchange(self.grid, messages, self.cfg.client_timeout,
-                                      self.clients, "train")
+        replies, failures = exchange(self.grid, messages, self.cfg.client_timeout,
+                                     self.clients, "train")
         def screen(candidates: list[Message], values: bool) -> list[Message]:
             kept = []
             for m in candidates:
@@ -393,8 +429,11 @@ class Federation:
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict:
         """Score the global and personalized models on every client, and centrally."""
         messages = list(self.strategy.configure_evaluate(rnd, arrays, self._config(), self.grid))
-        replies, failures = _exchange(self.grid, messages, self.cfg.client_timeout,
-                                      self.clients, "evaluate")
+        replies, failures = exchange(self.grid, messages, self.cfg.client_timeout,
+                                     self.clients, "evaluate")
+        if messages and not replies:
+            reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
+            raise RunFailed(f"round {rnd}: no client could evaluate ({reasons})")
         self.strategy.aggregate_evaluate(rnd, replies)
         rows = client_rows(replies, self.clients)
         record = summarize_round(rows)

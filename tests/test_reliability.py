@@ -75,7 +75,7 @@ def test_a_client_past_client_timeout_is_left_out(tmp_path):
     run_dir, summary = _run(tmp_path, **{"num-rounds": 1, "num-clients": 4, "seed": seed,
                                          **faults})
     assert summary["status"] == "completed"
-    assert [f["reason"] for f in summary["failures"]] == ["no reply within client-timeout=10 s"]
+    assert [f["reason"] for f in summary["failures"]] == ["no reply within client-timeout = 10 s"]
     assert run_dir.rounds()[0]["clients_trained"] == 3
 
 

@@ -1,10 +1,11 @@
 """fedtl's Flower ClientApp: the same code in simulation (Ray) and on real SuperNodes.
 
 Every message carries the run configuration in its ConfigRecord, so a client needs nothing
-but its node config (``partition-id`` / ``num-partitions``). Datasets, partitions and models
-are built once per process and reused across the clients and rounds an actor serves; a
-client's persistent state (pFedMe's theta_i) is kept on its own disk, versioned by round
-(``fedtl.clients.state``).
+but its node config: ``data-path`` (its own data, on real machines; see fedtl.data.local)
+or ``partition-id`` / ``num-partitions`` (a simulated partition, also for demos). Datasets,
+partitions and models are built once per process and reused across the clients and rounds an
+actor serves; a client's persistent state (pFedMe's theta_i) is kept on its own disk,
+versioned by round (``fedtl.clients.state``; node config ``state-dir`` on real machines).
 
 Messages handled:
 - ``query.describe``: the client's split sizes and label counts (never its samples);
@@ -29,6 +30,7 @@ from fedtl.clients.trainers.base import Trainer
 from fedtl.clients.update_rule import UpdateRule
 from fedtl.config import RunConfig, make_config
 from fedtl.data import ClientData, federated_data
+from fedtl.data.local import client_stats, local_client_data
 from fedtl.registry import DATASETS, STRATEGIES, TRAINERS
 
 # Keys the server adds to the run config in a message (not config keys themselves).
@@ -67,13 +69,20 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def _data_path(context: Context) -> str | None:
+    """The node's own data (node config ``data-path``), or None for a simulated partition."""
+    path = context.node_config.get("data-path")
+    return None if path in (None, "") else str(path)
+
+
 def _partition(context: Context, cfg: RunConfig) -> int:
     """This node's partition id, checked against the run's number of clients."""
     node = context.node_config
     if "partition-id" not in node:
         raise ValueError(
-            "this SuperNode has no 'partition-id' in its node config; start it with "
-            "--node-config \"partition-id=N num-partitions=M\""
+            "this SuperNode has neither 'data-path' nor 'partition-id' in its node config; "
+            "start it with --node-config 'data-path=\"/path/to/data\"' (its own data) or "
+            "--node-config \"partition-id=N num-partitions=M\" (a demo partition)"
         )
     pid = int(node["partition-id"])
     num = int(node.get("num-partitions", cfg.num_clients))
@@ -87,7 +96,18 @@ def _partition(context: Context, cfg: RunConfig) -> int:
 
 
 def _local_data(context: Context, cfg: RunConfig) -> ClientData:
+    """The node's own data (``data-path``) or its simulated partition."""
+    path = _data_path(context)
+    if path is not None:
+        pid = int(context.node_config.get("partition-id", -1))
+        return local_client_data(path, cfg, pid)
     return federated_data(cfg).client(_partition(context, cfg))
+
+
+def _client_key(context: Context, data: ClientData) -> int:
+    """What seeds this client's batches: its partition id, else its node id (stable once
+    the SuperNode's key is registered)."""
+    return data.partition_id if data.partition_id >= 0 else int(context.node_id)
 
 
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
@@ -100,9 +120,9 @@ def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
     return _models[key]
 
 
-def _generator(cfg: RunConfig, server_round: int, partition_id: int, purpose: int) -> torch.Generator:
+def _generator(cfg: RunConfig, server_round: int, client: int, purpose: int) -> torch.Generator:
     """A generator seeded by (seed, round, client, purpose): batches are reproducible."""
-    seed = np.random.SeedSequence([cfg.seed, server_round, partition_id, purpose])
+    seed = np.random.SeedSequence([cfg.seed, server_round, client, purpose])
     return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
 
 
@@ -111,11 +131,16 @@ def _update_rule(cfg: RunConfig, trainer: Trainer, device: torch.device) -> Upda
 
 
 def _state_store(msg: Message, context: Context, partition_id: int) -> ClientStateStore:
-    """Where this client keeps its state: node config ``state-dir`` (deployment), else the
-    folder the server names (simulation: inside the run directory)."""
-    root = context.node_config.get("state-dir") or msg.content["config"].get("state-dir")
+    """Where this client keeps its state: node config ``state-dir`` if set; else the folder
+    the server names when its run directory is on this machine (simulation); else
+    ``~/.cache/fedtl/client-state/<run name>``."""
+    root = context.node_config.get("state-dir")
+    suggested = msg.content["config"].get("state-dir")
+    if not root and suggested and Path(str(suggested)).parent.is_dir():
+        root = suggested
     if not root:
-        root = Path.home() / ".cache" / "fedtl" / "client-state"
+        run_name = Path(str(suggested or "fedtl-run")).parent.name or "fedtl-run"
+        root = Path.home() / ".cache" / "fedtl" / "client-state" / run_name
     return ClientStateStore(str(root), partition_id)
 
 
@@ -153,11 +178,15 @@ def _corrupt(arrays: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tens
 def describe(msg: Message, context: Context) -> Message:
     """Report split sizes and label counts (never samples)."""
     cfg = run_config(msg)
-    fed = federated_data(cfg)
-    pid = _partition(context, cfg)
-    stats = fed.client_stats()[pid]
+    if _data_path(context) is not None:
+        stats = client_stats(_local_data(context, cfg), DATASETS.get(cfg.dataset).num_classes)
+        num_partitions = cfg.num_clients
+    else:
+        fed = federated_data(cfg)
+        stats = fed.client_stats()[_partition(context, cfg)]
+        num_partitions = fed.num_clients
     record = MetricRecord({
-        "partition-id": pid, "num-partitions": fed.num_clients,
+        "partition-id": stats["partition-id"], "num-partitions": num_partitions,
         "num-train": stats["num-train"], "num-val": stats["num-val"],
         "num-test": stats["num-test"], "label-counts": stats["label-counts"],
     })
@@ -176,7 +205,7 @@ def train(msg: Message, context: Context) -> Message:
     model, _ = _models_for(cfg, trainer, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])
-    pid = data.partition_id
+    pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
     fault = injected_fault(cfg, server_round, pid)
     if fault == "raise":
         raise RuntimeError(f"injected fault (fault-rate={cfg.fault_rate}): client {pid} crashed")
@@ -213,7 +242,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, scratch = _models_for(cfg, trainer, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])
-    pid = data.partition_id
+    pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
     state = _state_store(msg, context, pid).load(before_round=server_round + 1)
     _seed_everything(cfg, server_round, pid, 1)
     rule = _update_rule(cfg, trainer, device)
