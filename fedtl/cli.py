@@ -138,7 +138,7 @@ def _cmd_deploy_certs(args: argparse.Namespace) -> int:
           f"  flower-superlink --host 0.0.0.0 --ssl-certfile {out}/superlink.pem "
           f"--ssl-keyfile {out}/superlink.key --ssl-ca-certfile {out}/ca.pem "
           f"--enable-supernode-auth --disable-runtime-dependency-installation")
-    for name, (_, public) in certs.supernode_keys.items():
+    for _, public in certs.supernode_keys.values():
         print(f"  flwr supernode register {public} fedtl")
     return 0
 
