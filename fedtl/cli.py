@@ -119,7 +119,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from fedtl.bench.runner import run_bench
+    from fedtl.bench.runner import plan, run_bench
     from fedtl.bench.spec import load_spec
 
     seeds = None
@@ -135,6 +135,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.spec, *(f"--set={s}" for s in args.set or []),
         *(["--seeds", args.seeds] if args.seeds else []),
         *(["--out", args.out] if args.out else [])])
+    if args.report_only:
+        from fedtl.bench.report import write_report
+
+        if not (out / "bench.toml").is_file():
+            raise ConfigError(f"--report-only: '{out}' holds no bench (no bench.toml); "
+                              "pass the --out of a bench that ran")
+        plan(spec, out, resume=True)  # the cells there must be this spec's
+        print(json.dumps({"bench_dir": str(out), "report": str(write_report(spec, out))}))
+        return 0
     try:
         outcome = run_bench(spec, out, resume=args.resume, verbose=args.verbose,
                             command=command)
@@ -176,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
                        "continue unfinished ones")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config key in every cell (repeatable)")
+    bench.add_argument("--report-only", action="store_true", help="write the report from the "
+                       "cells already in --out (unfinished ones shown as such); run nothing")
     bench.add_argument("--seeds", metavar="S,S,...", help="run these seeds instead of the "
                        "spec's (e.g. --seeds 0)")
     bench.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")

@@ -314,3 +314,22 @@ def test_bench_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data-dir" in err and "cell iid/fedavg/seed-0" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_report_only_writes_the_report_of_a_partial_bench_and_runs_nothing(tmp_path, capsys,
+                                                                            monkeypatch):
+    path = spec_file(tmp_path)
+    spec = load_spec(path)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", str(path), "--out", str(out), "--report-only"]) == 2
+    assert "holds no bench" in capsys.readouterr().err
+    out.mkdir()
+    (out / "bench.toml").write_text(SPEC)
+    for cell in spec.cells[:3]:  # the first setting and seed only
+        _fake_run(out / cell.relative_dir, cell, 0.9, None if cell.method == "local" else 0.7)
+    monkeypatch.setattr("fedtl.simulation.run_on_simulation",
+                        lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    assert cli.main(["bench", str(path), "--out", str(out), "--report-only"]) == 0
+    md = (out / "report" / "report.md").read_text()
+    assert f"3 completed, {len(spec.cells) - 3} not run" in md
+    assert "| dir-0.3 | fedavg | fine-tuned global model (FedAvg-FT) | not run |" in md

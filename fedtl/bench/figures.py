@@ -73,8 +73,9 @@ def accuracy_curves(title: str, curves: Mapping[str, Mapping[str, list[list[tupl
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
-               frameon=False)
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+                   frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     fig.savefig(out, dpi=110)

@@ -321,7 +321,8 @@ class Report:
                   "global acc. (%)"]
         if self.unseen:
             header.append("unseen clients: personalized (%)")
-        header += ["clients hurt by personalization", "personalized, validation-selected (%)"]
+        header += ["clients hurt by personalization (%)",
+                   "personalized, validation-selected (%)"]
         rows = []
         for label in self.labels:
             for method in self.methods:
@@ -339,7 +340,7 @@ class Report:
     def accuracy_table(self, label: str) -> tuple[list[str], list[list[str]]]:
         header = ["method", "personalized (pooled)", "personalized per client: mean",
                   "per client: std", "bottom-10% client", "global (pooled)",
-                  "global (central test set)", "clients hurt"]
+                  "global (central test set)", "clients hurt (%)"]
         if self.unseen:
             header += ["unseen: personalized", "unseen: global"]
         rows = []
@@ -444,7 +445,9 @@ class Report:
     def figures_for(self, label: str) -> list[tuple[Path, str]]:
         from fedtl.bench.figures import accuracy_curves, client_scatter
 
-        made = []
+        made: list[tuple[Path, str]] = []
+        if not any(r.completed for r in self.results if r.cell.setting_label == label):
+            return made
         curves: dict[str, dict[str, list]] = {}
         points: dict[str, list] = {}
         for method in self.methods:
@@ -516,7 +519,8 @@ class Report:
             summary += f", {len(failed)} failed"
         if missing:
             summary += f", {len(missing)} not run"
-        doc.para(summary + ".")
+        total = sum(r.summary.get("wall_seconds") or 0 for r in done)
+        doc.para(summary + f"; the completed runs took {total / 60:.1f} min of wall time in all.")
         if command:
             doc.code(command)
         cfg0 = self.results[0].cell.config
@@ -541,7 +545,7 @@ class Report:
             "**Model selection on validation only.** Tables show the last round and the round "
             "chosen on the clients' validation splits (best pooled validation accuracy, "
             "separately for the global and the personalized model). Test data never picks a "
-            "round; the only exception is the column labelled *best round on test (leaks)* "
+            "round; the only exception is the column labelled \"best round on test (leaks)\" "
             "beside published numbers that were measured that way.",
             "Each figure is mean ± std over seeds (population std); a cell that did not "
             "complete is left out and the count of seeds is shown.",
@@ -595,7 +599,7 @@ class Report:
             for path, caption in self.figures_for(label):
                 doc.image(path, caption)
         if failed:
-            doc.heading(2, "Failed runs")
+            doc.heading(2, "Failed or interrupted runs")
             doc.bullets([f"`{r.cell.id}`: {(r.summary or {}).get('error')}" for r in failed])
         doc.heading(2, "Methods")
         doc.table(["method", "its keys", "personalized model"],
