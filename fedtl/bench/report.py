@@ -497,7 +497,7 @@ class Report:
                     values.append(None if s is None else (s[0], s[1]))
                 series[method][kind] = values
         labels = [f"{by_setting[k][2]}" + (f"\n{k}" if "+" in k else "") for k in order]
-        path = heterogeneity_sweep(f"{self.spec.title}: from IID to pathological", labels,
+        path = heterogeneity_sweep(f"{self.spec.title}: accuracy by partition", labels,
                                    series, self.dir / "heterogeneity.png")
         return path, ("pooled test accuracy at the last round as the partition goes from IID to "
                       "pathological: personalized (solid) and global (dashed), mean ± std "
@@ -513,7 +513,7 @@ class Report:
         missing = [r for r in self.results if r.status == "missing"]
         doc.heading(1, spec.title)
         summary = (f"{len(self.results)} runs: {len(self.methods)} methods × "
-                   f"{len(self.labels)} settings × {self.seeds} seeds "
+                   f"{len(self.labels)} settings × {self.seeds} seed{'s' * (self.seeds != 1)} "
                    f"({', '.join(map(str, spec.seeds))}); {len(done)} completed")
         if failed:
             summary += f", {len(failed)} failed"
