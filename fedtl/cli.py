@@ -1,5 +1,5 @@
-"""The ``fedtl`` command: run simulations, list what exists, plot run directories, and prepare
-a deployment on real machines (``fedtl deploy certs``, ``fedtl deploy check-data``)."""
+"""The ``fedtl`` command: run simulations and benches, list what exists, plot run directories,
+and prepare a deployment on real machines (``fedtl deploy certs``, ``fedtl deploy check-data``)."""
 
 from __future__ import annotations
 
@@ -159,9 +159,54 @@ def _cmd_deploy_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from fedtl.bench.runner import plan, run_bench
+    from fedtl.bench.spec import load_spec
+
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas, "
+                              "e.g. --seeds 0,1,2") from None
+    spec = load_spec(args.spec, tuple(args.set or []), seeds)
+    out = Path(args.out or Path("bench") / Path(args.spec).stem)
+    command = "fedtl bench " + " ".join(shlex.quote(a) for a in [
+        args.spec, *(f"--set={s}" for s in args.set or []),
+        *(["--seeds", args.seeds] if args.seeds else []),
+        *(["--out", args.out] if args.out else [])])
+    if args.report_only:
+        from fedtl.bench.report import write_report
+
+        if not (out / "bench.toml").is_file():
+            raise ConfigError(f"--report-only: '{out}' holds no bench (no bench.toml); "
+                              "pass the --out of a bench that ran")
+        plan(spec, out, resume=True)  # the cells there must be this spec's
+        print(json.dumps({"bench_dir": str(out), "report": str(write_report(spec, out))}))
+        return 0
+    try:
+        outcome = run_bench(spec, out, resume=args.resume, verbose=args.verbose,
+                            command=command)
+    except KeyboardInterrupt:
+        print(f"\nfedtl: interrupted; finished cells and rounds are in {out}; continue with: "
+              f"{command} --resume", file=sys.stderr)
+        return 130
+    for cell, reason in outcome.failures.items():
+        print(f"fedtl: cell {cell} failed: {reason}", file=sys.stderr)
+    print(json.dumps({"bench_dir": str(outcome.out), "report": str(outcome.report_dir),
+                      "cells_reused": outcome.reused, "cells_run": outcome.ran,
+                      "cells_failed": len(outcome.failures),
+                      "wall_seconds": round(outcome.wall_seconds, 1)}))
+    return EXIT_FAILED if outcome.failures else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtl", description="Federated transfer learning on "
-                                "Flower + Ray: FedAvg and pFedMe over non-IID partitions.")
+                                "Flower + Ray: FedAvg, pFedMe, Ditto and local-only over non-IID "
+                                "partitions.")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a simulation (no CONFIG: the offline default)")
@@ -174,6 +219,21 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     run.set_defaults(func=_cmd_run)
+
+    bench = sub.add_parser("bench", help="run a grid of runs declared in a TOML spec and "
+                           "write its report")
+    bench.add_argument("spec", help="bench spec (e.g. simulations/bench-digits.toml)")
+    bench.add_argument("--out", help="bench directory (default: bench/<spec name>)")
+    bench.add_argument("--resume", action="store_true", help="reuse finished cells of --out, "
+                       "continue unfinished ones")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key in every cell (repeatable)")
+    bench.add_argument("--report-only", action="store_true", help="write the report from the "
+                       "cells already in --out (unfinished ones shown as such); run nothing")
+    bench.add_argument("--seeds", metavar="S,S,...", help="run these seeds instead of the "
+                       "spec's (e.g. --seeds 0)")
+    bench.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    bench.set_defaults(func=_cmd_bench)
 
     lst = sub.add_parser("list", help="strategies, trainers, datasets, partitioners, models, "
                          "config keys")

@@ -134,6 +134,9 @@ _KEYS: list[Key] = [
     Key("personal-lr", 0.02, "pFedMe: inner-solver learning rate for theta (p_lr)", "pfedme",
         _positive),
     Key("inner-steps", 5, "pFedMe: inner-solver steps K per mini-batch", "pfedme", _at_least(1)),
+    # --- Ditto ---------------------------------------------------------------------------
+    Key("ditto-lambda", 0.1, "Ditto: proximal weight lambda pulling the personal model v_i "
+        "toward the global w", "ditto", _non_negative),
     # --- evaluation ----------------------------------------------------------------------
     Key("eval-every", 1, "evaluate every N rounds (the last round is always evaluated)",
         "evaluation", _at_least(1)),
@@ -141,6 +144,8 @@ _KEYS: list[Key] = [
         "evaluation", _fraction),
     Key("finetune-steps", 10, "FedAvg-FT: SGD steps on a client's train split before its "
         "personalized evaluation", "evaluation", _at_least(0)),
+    Key("unseen-clients", 0.0, "share of clients held out of training, personalized from the "
+        "global model and tested apart", "evaluation", _split_fraction),
     # --- reliability ---------------------------------------------------------------------
     Key("min-clients", 1, "fewest valid training replies a round needs to go on", "reliability",
         _at_least(1)),
@@ -307,6 +312,14 @@ def make_config(
             f"config keys 'val-fraction' = {merged['val-fraction']} and 'test-fraction' = "
             f"{merged['test-fraction']}: together they must leave a training share (sum < 1)"
         )
+    if merged["unseen-clients"] > 0:
+        held_out = unseen_count(merged["num-clients"], merged["unseen-clients"])
+        if not 1 <= held_out < merged["num-clients"]:
+            raise ConfigError(
+                f"config key 'unseen-clients' = {merged['unseen-clients']}: holds out "
+                f"{held_out} of num-clients={merged['num-clients']}; it must hold out at least "
+                "one client and leave at least one to train"
+            )
     if (merged["fault-rate"] > 0 and "timeout" in merged["fault-kinds"]
             and merged["client-timeout"] > 300):
         raise ConfigError(
@@ -315,6 +328,11 @@ def make_config(
             "client-timeout to a few seconds (accepted: <= 300 with the timeout fault)"
         )
     return RunConfig(merged)
+
+
+def unseen_count(num_clients: int, fraction: float) -> int:
+    """How many of ``num_clients`` clients the ``unseen-clients`` fraction holds out."""
+    return int(round(num_clients * fraction))
 
 
 def resolve(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:

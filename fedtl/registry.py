@@ -69,6 +69,12 @@ STRATEGIES = Registry("strategy", {
     "pfedme": Entry("fedtl.strategies.pfedme:PFEDME",
                     "pFedMe (Dinh et al. 2020): Moreau-envelope bi-level client solver, "
                     "beta-mixed server update; personalized = theta_i"),
+    "ditto": Entry("fedtl.strategies.ditto:DITTO",
+                   "Ditto (Li et al. 2021): FedAvg's global model plus a personal v_i trained "
+                   "with lambda/2 ||v - w||^2; personalized = v_i"),
+    "local": Entry("fedtl.strategies.local:LOCAL",
+                   "local-only: each client trains its own model alone, nothing is averaged; "
+                   "no global model"),
 })
 
 TRAINERS = Registry("trainer", {

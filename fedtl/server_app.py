@@ -32,6 +32,7 @@ from fedtl.data import dataset_spec
 from fedtl.evaluation import pooled, score, spread
 from fedtl.registry import STRATEGIES, TRAINERS
 from fedtl.results import RunDirectory
+from fedtl.strategies import held_out_partitions
 
 log = logging.getLogger("fedtl")
 
@@ -269,12 +270,35 @@ def summarize_round(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+UNSEEN_KEYS = (
+    "global_accuracy", "personalized_accuracy", "personalized_accuracy_mean",
+    "personalized_accuracy_std", "personalized_accuracy_bottom10", "personalization_hurts_share",
+)
+
 FINAL_KEYS = (
     "global_accuracy", "global_accuracy_mean", "global_accuracy_std", "global_accuracy_bottom10",
     "personalized_accuracy", "personalized_accuracy_mean", "personalized_accuracy_std",
     "personalized_accuracy_bottom10", "centralized_accuracy", "global_val_accuracy",
     "personalized_val_accuracy", "personalization_hurts_share",
+    *(f"unseen_{k}" for k in UNSEEN_KEYS),
 )
+
+
+def summarize_clients(rows: list[dict], held_out: frozenset[int]) -> dict[str, Any]:
+    """``summarize_round`` over the participating clients; the held-out (unseen) clients'
+    figures beside them as ``unseen_*`` (null when none are held out)."""
+    out = summarize_round([r for r in rows if r["partition_id"] not in held_out])
+    unseen = [r for r in rows if r["partition_id"] in held_out]
+    figures = summarize_round(unseen) if unseen else {}
+    out["unseen_clients_evaluated"] = len(unseen)
+    out.update({f"unseen_{k}": figures.get(k) for k in UNSEEN_KEYS})
+    return out
+
+
+def without_global(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every figure of the global model set to null (no global model)."""
+    return {k: None if ("global" in k or k.startswith("centralized") or "hurts" in k) else v
+            for k, v in values.items()}
 
 
 def select_best(rounds: list[dict]) -> dict[str, Any]:
@@ -295,7 +319,7 @@ def select_best(rounds: list[dict]) -> dict[str, Any]:
     best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
                             "personalized_round": p["round"]}
     for key in FINAL_KEYS:
-        source = p if key.startswith("personaliz") else g
+        source = p if key.removeprefix("unseen_").startswith("personaliz") else g
         best[key] = source.get(key)
     return best
 
@@ -375,6 +399,8 @@ class Federation:
         self.strategy = STRATEGIES.get(cfg.strategy).make_strategy(
             cfg, {n: c.partition_id for n, c in self.clients.items()})
         self.model = TRAINERS.get(cfg.trainer)(cfg).build_model(self.spec, seed=cfg.seed)
+        self.algorithm = STRATEGIES.get(cfg.strategy)
+        self.held_out = held_out_partitions(cfg)
         self.central = self.spec.load(cfg).test if self.spec.has_central_test else None
 
     def _config(self) -> ConfigRecord:
@@ -436,15 +462,20 @@ class Federation:
             raise RunFailed(f"round {rnd}: no client could evaluate ({reasons})")
         self.strategy.aggregate_evaluate(rnd, replies)
         rows = client_rows(replies, self.clients)
-        record = summarize_round(rows)
-        record["failures"] = failures
-        record["bytes_sent"] = _bytes(arrays) * len(messages)
+        if self.held_out:
+            rows = [{**r, "unseen": int(r["partition_id"] in self.held_out)} for r in rows]
+        record = summarize_clients(rows, self.held_out)
         record["centralized_accuracy"] = None
         if self.central is not None:
             self.model.load_state_dict(arrays.to_torch_state_dict())
             s = score(self.model, self.central.inputs(), self.central.labels())
             record["centralized_accuracy"] = s.accuracy
             record["centralized_loss"] = s.loss_sum / s.total
+        if not self.algorithm.has_global_model:
+            record = without_global(record)
+            rows = [without_global(r) for r in rows]
+        record["failures"] = failures
+        record["bytes_sent"] = _bytes(arrays) * len(messages)
         self.run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
         return record
 

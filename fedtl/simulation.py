@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fedtl.config import ConfigError, RunConfig
@@ -168,21 +168,40 @@ def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None
     With ``resume``, continue ``run_dir`` from its last checkpoint. Call ``preflight(cfg)``
     first for clear errors before Ray starts.
     """
+    outcome: dict[str, Any] = {}
+
+    def main(grid) -> None:
+        outcome["summary"] = run_federation(grid, cfg, run_dir, progress, resume=resume)
+
+    run_on_simulation(main, cfg.num_clients, cfg.client_num_cpus, cfg.client_num_gpus,
+                      verbose=verbose)
+    if "summary" not in outcome:
+        raise RuntimeError("the simulation ended without a result; rerun with --verbose")
+    return outcome["summary"]
+
+
+def run_on_simulation(main: Callable[[Any], None], num_supernodes: int, num_cpus: float,
+                      num_gpus: float, *, verbose: bool = False) -> None:
+    """Start ``num_supernodes`` virtual SuperNodes running fedtl's ClientApp on Ray and call
+    ``main(grid)`` as the ServerApp; several federations may run one after another in one
+    ``main`` (``fedtl bench`` does), sharing Ray's start-up. An exception ``main`` raises is
+    re-raised here as itself."""
     quiet_environment()
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
     from fedtl.clients.client_app import app as client_app
 
-    outcome: dict[str, Any] = {}
+    finished: dict[str, bool] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context) -> None:
-        outcome["summary"] = run_federation(grid, cfg, run_dir, progress, resume=resume)
+        main(grid)
+        finished["ok"] = True
 
     backend_config = {
-        "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
+        "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": verbose,
@@ -192,14 +211,11 @@ def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None
     with _quiet(verbose), fast_message_pump():
         try:
             run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=cfg.num_clients, backend_config=backend_config,
+                           num_supernodes=num_supernodes, backend_config=backend_config,
                            verbose_logging=verbose)
         except RuntimeError as exc:
             # Flower wraps a ServerApp exception; surface the original one.
             cause = exc.__cause__
-            if cause is not None and "summary" not in outcome:
+            if cause is not None and "ok" not in finished:
                 raise cause from None
             raise
-    if "summary" not in outcome:
-        raise RuntimeError("the simulation ended without a result; rerun with --verbose")
-    return outcome["summary"]

@@ -8,7 +8,7 @@ client, and evaluation counts are summed rather than averaged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedtl.config import RunConfig
-from fedtl.strategies import Algorithm
+from fedtl.strategies import Algorithm, held_out_partitions
 
 
 def sum_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -53,28 +53,30 @@ class FedAvg(FlowerFedAvg):
     """Sample-weighted FedAvg with seeded client sampling by partition id."""
 
     def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0,
-                 fraction_evaluate: float = 1.0):
+                 fraction_evaluate: float = 1.0, held_out: Collection[int] = ()):
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=1,
             min_evaluate_nodes=1, min_available_nodes=len(clients),
             evaluate_metrics_aggr_fn=sum_metrics,
         )
         self.clients = dict(clients)  # node id -> partition id
+        self.held_out = frozenset(held_out)  # partition ids never trained (unseen clients)
         self.seed = seed
         self._global: ArrayRecord | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig, clients: Mapping[int, int]) -> FedAvg:
         return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train,
-                   fraction_evaluate=cfg.eval_fraction)
+                   fraction_evaluate=cfg.eval_fraction, held_out=held_out_partitions(cfg))
 
     def summary(self) -> None:
         """Log the sampling settings."""
         super().summary()
 
     def sample_train(self, server_round: int) -> list[int]:
-        """Node ids of the clients trained in ``server_round``, drawn from the seed."""
-        node_of = {pid: node for node, pid in self.clients.items()}
+        """Node ids of the clients trained in ``server_round``, drawn from the seed among the
+        clients not held out."""
+        node_of = {pid: node for node, pid in self.clients.items() if pid not in self.held_out}
         chosen = sample_partitions(self.seed, server_round, list(node_of), self.fraction_train,
                                    self.min_train_nodes)
         return [node_of[pid] for pid in chosen]
@@ -118,4 +120,5 @@ class FedAvg(FlowerFedAvg):
         return super().aggregate_evaluate(server_round, self.in_partition_order(replies))
 
 
-FEDAVG = Algorithm(FedAvg.from_config, "fedtl.clients.local_sgd:LocalSGD")
+FEDAVG = Algorithm(FedAvg.from_config, "fedtl.clients.local_sgd:LocalSGD",
+                   personal_model="fine-tuned global model (FedAvg-FT)")
