@@ -176,11 +176,14 @@ class TorchvisionLoader:
         if download is None:
             download = bool(missing)
         key = key or f"folder {str(root)!r}"
+        made = [root / self.folder, *(root / self.folder).parents]
+        existed = {p for p in made if p.exists()}
         try:
             train = cls(root=str(root), train=True, download=download)
             test = cls(root=str(root), train=False, download=download)
         except Exception as exc:  # torchvision raises RuntimeError / URLError / OSError
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+            _remove_empty_dirs(made, existed)
             if missing:
                 raise ConfigError(
                     f"{key}: no {self.cls_name} files in {root / self.folder} "
@@ -224,3 +227,11 @@ CIFAR10 = _torchvision_spec("cifar10", (3, 32, 32), 50000, TorchvisionLoader(
     "CIFAR10", "cifar-10-batches-py",
     tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
     (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+
+
+def _remove_empty_dirs(paths: list[Path], existed: set[Path]) -> None:
+    """Remove the folders of ``paths`` (deepest first) that a failed torchvision download made
+    and left empty: a typo in data-dir must not leave ``<typo>/MNIST/raw`` behind."""
+    for path in paths:
+        if path not in existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
