@@ -31,7 +31,9 @@ def _curves(rounds: list[dict]) -> list[tuple[str, str, str]]:
     known = [key for key, _, _ in CURVES]
     extra = sorted({k for r in rounds for k in r if k.endswith("_accuracy") and k not in known
                     and "_val_" not in k})
-    series = lambda key: [r.get(key) for r in rounds]  # noqa: E731
+    def series(key: str) -> list:
+        return [r.get(key) for r in rounds]
+
     extra = [k for k in extra if all(series(k) != series(c) for c in known)]  # no aliases
     return [*CURVES, *((k, k.removesuffix("_accuracy").replace("_", " "), "-.") for k in extra)]
 

@@ -3,13 +3,16 @@ fractions, parts kept on the client, and a federated run through Flower + Ray.""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord
 
-from fedtl.clients.client_app import LOCAL_PARTS, _receive, _reply_arrays
+from fedtl.clients.client_app import LOCAL_PARTS, _receive, _shared_weights
+from fedtl.clients.state import ClientStateStore
 from fedtl.clients.trainers.barlow_twins import BarlowTwinsLoss, barlow_twins_loss
 from fedtl.clients.trainers.instance_spreading import instance_spreading_loss
 from fedtl.clients.trainers.self_supervised import encoder_scores, labelled_union
@@ -52,7 +55,7 @@ def test_instance_spreading_loss_decreases_as_positives_align():
     other = F.normalize(torch.randn(16, 8, generator=g), dim=1)
     losses = [float(instance_spreading_loss(f, F.normalize((1 - t) * other + t * f, dim=1), 0.1))
               for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
-    assert all(a > b for a, b in zip(losses, losses[1:])), losses
+    assert all(a > b for a, b in itertools.pairwise(losses)), losses
 
 
 def test_instance_spreading_loss_rewards_spread_instances():
@@ -75,7 +78,7 @@ def test_barlow_twins_matches_hand_computed_values():
 
 def test_barlow_twins_is_minimal_for_identical_decorrelated_views():
     # eight samples; three columns of a Hadamard matrix: zero mean, unit variance, uncorrelated
-    signs = torch.tensor([[(-1.0) ** bin(i & j).count("1") for j in (1, 2, 4)] for i in range(8)])
+    signs = torch.tensor([[(-1.0) ** (i & j).bit_count() for j in (1, 2, 4)] for i in range(8)])
     z = signs.clone().requires_grad_(True)
     loss = barlow_twins_loss(z, z, 0.005)
     assert loss.item() == pytest.approx(0.0, abs=1e-4)  # L >= 0, so this is the minimum
@@ -213,7 +216,7 @@ def test_unshared_projector_stays_on_the_client():
         for p in model.parameters():
             p.add_(1.0)  # "training"
     state = {}
-    reply = _reply_arrays(model, trainer, state)
+    reply = ArrayRecord(_shared_weights(model, trainer, state))
     assert set(reply.keys()) == set(shared)
     assert set(state[LOCAL_PARTS]) == set(initial) - set(shared)
     # next round: the global encoder arrives; the projector comes back from the state
@@ -256,6 +259,15 @@ def test_central_probe_uses_the_clients_labelled_parts():
     assert len(union) == sum(len(data.client(p).labelled(0.2, 0)) for p in range(3))
     scores = encoder_scores(cfg)  # the random-encoder baseline
     assert scores["probe_accuracy"] is None and scores["knn_accuracy"] is None  # no central set
+    # with a central test set (here: client 0's test split) the server scores probe and kNN
+    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    model = trainer.build_model(DIGITS, seed=0)
+    central = data.client(0).test
+    s = trainer.central_scores(model, central)
+    assert set(s) == {"probe", "knn"} and s["probe"].total == s["knn"].total == len(central)
+    assert s["probe"].accuracy > 0.3
+    supervised = TRAINERS.get("supervised")(make_config({"model": "lenet5"}))
+    assert supervised.central_scores(model, None) == {}
     assert 0.3 < scores["probe_global_accuracy"] <= 1.0
     assert 0.1 < scores["knn_global_accuracy"] <= 1.0
 
@@ -301,3 +313,6 @@ def test_federated_barlow_twins_run_keeps_projectors_local(tmp_path):
     weights = torch.load(run.path / "model.pt")
     assert weights and all(k.startswith("encoder.") for k in weights)  # projectors stay local
     assert "knn_global_accuracy" in run.table("clients.csv")[0]
+    # each client's projector is in its versioned state on disk, not in the server's model
+    state = ClientStateStore(run.path / "client-state", 0).load(before_round=4)
+    assert state[LOCAL_PARTS] and all(k.startswith("objective.") for k in state[LOCAL_PARTS])

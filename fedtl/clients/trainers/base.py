@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedtl.config import RunConfig
-from fedtl.data import ClientData, FederatedData, Split
+from fedtl.data import ClientData, Split
 from fedtl.data.datasets import DatasetSpec
 from fedtl.evaluation import Score, score
 
@@ -72,18 +72,18 @@ class Trainer(ABC):
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """State-dict keys of ``model`` that the server aggregates; the others stay on each
-        client (in its Context.state). By default everything is shared."""
+        client (in its ClientStateStore). By default everything is shared."""
         return list(model.state_dict())
 
-    def central_scores(self, model: nn.Module, data: FederatedData,
+    def central_scores(self, model: nn.Module, central: Split | None,
                        device: torch.device | str = "cpu") -> dict[str, Score]:
-        """How the server scores the global ``model`` on the dataset's central test set; each
-        name ``s`` is reported as ``s_accuracy`` and ``s_loss``. By default the model's
-        classification accuracy, as ``centralized``; nothing without a central test set."""
-        test = data.central_test()
-        if test is None:
+        """How the server scores the global ``model`` with the dataset's central test set
+        (None where there is none); each name ``s`` is reported as ``s_accuracy`` and
+        ``s_loss`` (null for an empty Score). By default the model's classification accuracy,
+        as ``centralized``; nothing without a central test set."""
+        if central is None:
             return {}
-        return {"centralized": score(model, test.x, test.y, device)}
+        return {"centralized": score(model, central.x, central.y, device)}
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:

@@ -109,9 +109,8 @@ class SelfSupervisedTrainer(Trainer):
 
     @property
     def views(self) -> Views:
-        if self._views is None:
-            source = federated_data(self.cfg).source.train  # cached per process
-            self._views = Views(default_augmentation(self.spec), source.mean, source.std)
+        if self._views is None:  # the dataset's normalisation: also a SuperNode's own data
+            self._views = Views(default_augmentation(self.spec), self.spec.mean, self.spec.std)
         return self._views
 
     def batches(self, data: ClientData, generator: torch.Generator,
@@ -149,18 +148,18 @@ class SelfSupervisedTrainer(Trainer):
         return {"val": s["val-probe"], "test": s["test-probe"], "probe": s["test-probe"],
                 "knn": s["test-knn"]}
 
-    def central_scores(self, model: nn.Module, data: FederatedData,
+    def central_scores(self, model: nn.Module, central: Split | None,
                        device: torch.device | str = "cpu") -> dict[str, Score]:
         """``probe`` and ``knn`` on the central test set, fitted on the union of the clients'
-        labelled parts (the samples a supervised run with the same label-fraction sees).
-        Without a central test set both are empty scores (reported as null)."""
-        test = data.central_test()
-        if test is None:
+        labelled parts (the samples a supervised run with the same label-fraction sees; the
+        server rebuilds the simulated partition for them). Without a central test set both
+        are empty scores (reported as null)."""
+        if central is None:
             return {"probe": Score(0, 0.0, 0), "knn": Score(0, 0.0, 0)}
         if self._central_labelled is None:
-            self._central_labelled = labelled_union(data, self.cfg.probe_label_fraction,
-                                                    self.cfg.seed)
-        s = self._probe_scores(model, self._central_labelled, {"central": test}, device)
+            self._central_labelled = labelled_union(federated_data(self.cfg),
+                                                    self.cfg.probe_label_fraction, self.cfg.seed)
+        s = self._probe_scores(model, self._central_labelled, {"central": central}, device)
         return {"probe": s["central-probe"], "knn": s["central-knn"]}
 
 
@@ -196,7 +195,7 @@ def encoder_scores(cfg: RunConfig, model: SelfSupervisedModel | None = None,
         model = trainer.build_model(data.spec, seed=cfg.seed)
         if weights is not None:
             model.load_state_dict({**model.state_dict(), **weights})
-    central = trainer.central_scores(model, data)
+    central = trainer.central_scores(model, data.central_test())
     out: dict[str, float | None] = {f"{n}_accuracy": central[n].accuracy if central[n].total
                                     else None for n in ("probe", "knn")}
     pooled: dict[str, list[int]] = {"probe": [0, 0], "knn": [0, 0]}
