@@ -43,6 +43,9 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'device' = {cfg.device!r}: no CUDA GPU is visible "
                           "(accepted: auto, cpu)")
     federated_data(cfg)  # loads the files and builds the partition: their errors come now
+    from fedtl.registry import TRAINERS
+
+    TRAINERS.get(cfg.trainer).preflight(cfg)  # e.g. a teacher that must load and fit
 
 
 class TqdmProgress:

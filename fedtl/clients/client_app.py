@@ -83,7 +83,7 @@ def _local_data(context: Context, cfg: RunConfig) -> ClientData:
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
                 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A working model and a scratch copy for this architecture, built once per process."""
-    key = (cfg.trainer, cfg.model, cfg.dataset, str(device))
+    key = (cfg.trainer, cfg.model, cfg.mlp_hidden, cfg.dataset, str(device))
     if key not in _models:
         spec = DATASETS.get(cfg.dataset)
         _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device))
@@ -137,6 +137,7 @@ def train(msg: Message, context: Context) -> Message:
     model, _ = _models_for(cfg, trainer, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     state = _load_state(context)
+    trainer.use_state(state)
     server_round = int(msg.content["config"]["server-round"])
     rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, data.partition_id, 0), state)
@@ -144,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({
         "arrays": ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}),
         "metrics": MetricRecord({
-            "num-examples": len(data.train),
+            "num-examples": trainer.num_examples(data),
             **metrics,
             "train-seconds": time.perf_counter() - started,
         }),
@@ -164,9 +165,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])
     rule = _update_rule(cfg, trainer, device)
+    state = _load_state(context)
+    trainer.use_state(state)
     personal = rule.personalized(model, scratch, data,
-                                 _generator(cfg, server_round, data.partition_id, 1),
-                                 _load_state(context))
+                                 _generator(cfg, server_round, data.partition_id, 1), state)
+    _save_state(context, state)  # e.g. a transfer set synthesised by a client not trained yet
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):
         for name, s in trainer.evaluate(m, data, device).items():

@@ -8,7 +8,7 @@ batch gives. Methods with extra parts (a domain head, a teacher, a projector) ow
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -50,12 +50,27 @@ class Trainer(ABC):
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        # The client's persistent state (Flower's Context.state), bound by the client app:
+        # a trainer may keep named state dicts there (a synthetic transfer set, a generator).
+        self.state: MutableMapping[str, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def preflight(cls, cfg: RunConfig) -> None:
+        """Raise ConfigError for what this trainer needs and the config lacks (before Ray)."""
+
+    def use_state(self, state: MutableMapping[str, dict[str, torch.Tensor]]) -> None:
+        """Bind the client's persistent state; what the trainer writes there is kept."""
+        self.state = state
+
+    def num_examples(self, data: ClientData) -> int:
+        """How many samples this client's update stands for (FedAvg's averaging weight)."""
+        return len(data.train)
 
     def build_model(self, spec: DatasetSpec, seed: int | None = None) -> nn.Module:
         """The model this trainer trains: by default the run's ``model`` for the dataset."""
         from fedtl.models import build_model
 
-        return build_model(self.cfg.model, spec, seed)
+        return build_model(self.cfg.model, spec, seed, cfg=self.cfg)
 
     def evaluate(self, model: nn.Module, data: ClientData,
                  device: torch.device | str = "cpu") -> dict[str, Score]:
