@@ -151,23 +151,23 @@ _KEYS: list[Key] = [
         "1 - kd-alpha)", "distillation", _unit),
     Key("distill-augment", True, "data-free students: random shift / rotation / scale of "
         "each transfer batch", "distillation"),
-    Key("synthesis-lr", 0.05, "class-impressions, zskd: Adam learning rate on the "
+    Key("synthesis-lr", 0.1, "class-impressions, zskd: Adam learning rate on the "
         "synthetic images (normalised input units)", "distillation", _positive),
     Key("ci-samples", 1200, "class-impressions: synthetic images per client",
         "distillation", _at_least(1)),
-    Key("ci-steps", 100, "class-impressions: optimisation steps per image", "distillation",
+    Key("ci-steps", 50, "class-impressions: optimisation steps per image", "distillation",
         _at_least(1)),
     Key("zskd-samples", 1200, "zskd: data impressions per client", "distillation",
         _at_least(1)),
-    Key("zskd-steps", 100, "zskd: optimisation steps per data impression", "distillation",
+    Key("zskd-steps", 50, "zskd: optimisation steps per data impression", "distillation",
         _at_least(1)),
-    Key("dafl-batch-size", 128, "dafl: generated samples per generator / student step",
+    Key("dafl-batch-size", 64, "dafl: generated samples per generator / student step",
         "distillation", _at_least(2)),
     Key("dafl-warmup-steps", 0, "dafl: generator-only steps before a client's first student "
         "step (0: the paper's joint schedule)", "distillation", _at_least(0)),
     Key("dafl-generator-lr", 0.2, "dafl: the generator's Adam learning rate", "distillation",
         _positive),
-    Key("dafl-generator-width", 64, "dafl: channels of the generator's first convolution "
+    Key("dafl-generator-width", 32, "dafl: channels of the generator's first convolution "
         "(paper: 128)", "distillation", _at_least(2)),
     Key("synthetic-dir", "", "data-free trainers: folder where each client writes a preview "
         "of its synthetic samples for 'fedtl plot' (empty: none)", "distillation"),
