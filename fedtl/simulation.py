@@ -133,6 +133,7 @@ def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None
     from flwr.simulation import run_simulation
 
     from fedtl.clients.client_app import app as client_app
+    from fedtl.registry import TRAINERS
 
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
@@ -145,7 +146,8 @@ def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None
         "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": verbose,
+            # clients that report long work of their own (synthesis bars) are shown too
+            "log_to_driver": verbose or TRAINERS.get(cfg.trainer).shows_client_progress,
             "include_dashboard": False,
         },
     }

@@ -48,6 +48,10 @@ class Trainer(ABC):
     name (e.g. ``source-test``) is reported beside them.
     """
 
+    # True for trainers whose clients do long work of their own (e.g. synthesising a transfer
+    # set) and report it on stderr: the simulation then forwards the clients' output.
+    shows_client_progress = False
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         # The client's persistent state (Flower's Context.state), bound by the client app:

@@ -74,18 +74,39 @@ def synthesis_generator(cfg: RunConfig, partition_id: int, purpose: int) -> torc
     return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
 
 
+class _Lines:
+    """A stream that turns tqdm's carriage-return redraws into whole lines, so progress shows
+    where output is read line by line (Ray forwards a client's stderr that way)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "\n").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress_bar(total: int, desc: str):
-    """A tqdm bar on stderr for synthesis (in a Ray actor: shown with ``--verbose``)."""
+    """A tqdm bar on stderr for synthesis: redrawn in place on a terminal, one line every
+    10 s elsewhere (a Ray actor's stderr, which the driver shows line by line)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=2.0,
-                leave=False)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                    mininterval=2.0, leave=False)
+    return tqdm(total=total, desc=desc, file=_Lines(sys.stderr), ncols=80, mininterval=10.0,
+                ascii=True)
 
 
 class DataFreeTrainer(DistillationTrainer):
     """A student distilled on inputs made from the teacher alone (soft term, no labels)."""
 
     method: str = "data-free"
+    shows_client_progress = True  # synthesis takes minutes: show the clients' bars
 
     @classmethod
     def preflight(cls, cfg: RunConfig) -> None:
