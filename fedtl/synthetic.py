@@ -37,7 +37,8 @@ def save_preview(cfg: RunConfig, partition_id: int, method: str, x: torch.Tensor
     folder = preview_dir(cfg)
     if folder is None or x.dim() != 4:
         return None
-    x = x[:PREVIEW * 4].detach()
+    # a strided pick over the whole set: transfer sets are stored class by class
+    x = x[torch.linspace(0, len(x) - 1, min(len(x), PREVIEW * 4)).long()].detach()
     with torch.no_grad():
         labels = teacher(x).argmax(1).cpu()
     x = x.cpu()
