@@ -13,7 +13,7 @@ from torch import nn
 from fedtl.clients.trainers.class_impressions import class_impressions
 from fedtl.clients.trainers.dafl import DAFLLoss, DAFLTrainer, Generator
 from fedtl.clients.trainers.data_free import TransferSetTrainer, random_affine
-from fedtl.clients.trainers.kd import KDLoss, kd_loss, soft_term
+from fedtl.clients.trainers.kd import KDLoss, KDTrainer, kd_loss, soft_term
 from fedtl.clients.trainers.teacher import load_teacher, logits_and_features
 from fedtl.clients.trainers.zskd import (
     ZSKDTrainer,
@@ -192,13 +192,14 @@ def test_dafl_loss_terms_on_a_toy_teacher():
 
 def test_dafl_generator_steps_lower_the_generator_loss_and_persist_in_client_state():
     torch.manual_seed(0)
-    cfg = make_config({"trainer": "dafl", "dafl-batch-size": 64, "dafl-generator-width": 16,
+    cfg = make_config({"trainer": "dafl", "dafl-batch-size": 32, "dafl-generator-width": 16,
                        "dafl-generator-lr": 0.05, "model": "lenet5-half"})
     teacher = build_model("lenet5", DIGITS, seed=0).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     g = Generator((1, 8, 8), width=16)
-    x = g(torch.randn(64, 100))
+    with torch.no_grad():
+        x = g(torch.randn(64, 100))
     assert x.shape == (64, 1, 8, 8)
     assert abs(float(x.mean())) < 1e-4 and float(x.std()) == pytest.approx(1.0, abs=0.02)
     trainer = DAFLTrainer(cfg)
@@ -217,12 +218,12 @@ def test_dafl_generator_steps_lower_the_generator_loss_and_persist_in_client_sta
                 256, 100, generator=torch.Generator().manual_seed(9))))))
 
     first = generator_loss()
-    for _ in range(30):
+    for _ in range(20):
         trainer.generator_step(gen, opt, teacher, z, "cpu", loss)
     assert generator_loss() < first
     batches = trainer.batches(data, torch.Generator().manual_seed(0))
     batch = next(batches)
-    assert batch.shape == (64, 1, 8, 8)
+    assert batch.shape == (32, 1, 8, 8)
     assert "dafl-generator" in state and "dafl-generator-adam" in state
     kept = {k: v.clone() for k, v in state["dafl-generator"].items()}
     next(batches)  # one more generator step: the kept weights follow it
@@ -329,6 +330,24 @@ def test_teacher_is_read_from_a_fedtl_run_and_bad_teachers_fail_before_ray(tmp_p
     assert "synthesises images" in error(**{
         "trainer": "zskd", "dataset": "synthetic", "partitioner": "natural",
         "teacher-checkpoint": str(path)})
+
+
+def test_kd_under_pfedme_keeps_a_personalized_student(tmp_path):
+    from fedtl.clients.pfedme import THETA, PFedMeSolver
+
+    path, _ = _teacher_run(tmp_path, epochs=2)
+    cfg = make_config({"trainer": "kd", "strategy": "pfedme", "teacher-checkpoint": str(path),
+                       "model": "mlp", "mlp-hidden": "32", "local-steps": 5, "num-clients": 3})
+    trainer = KDTrainer(cfg)
+    model = trainer.build_model(DIGITS, seed=0)
+    global_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state: dict = {}
+    metrics = PFedMeSolver(cfg, trainer, torch.device("cpu")).train(
+        model, federated_data(cfg).client(1), torch.Generator().manual_seed(0), state)
+    assert math.isfinite(metrics["train-loss"])
+    theta = state[THETA]  # the client's personalized student, distilled with KD
+    assert any(not torch.equal(theta[k], global_weights[k]) for k in theta)
+    assert any(not torch.equal(theta[k], model.state_dict()[k]) for k in theta)
 
 
 # --- federated runs through Flower + Ray ----------------------------------------------------
