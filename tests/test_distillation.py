@@ -236,7 +236,10 @@ def test_dafl_generator_steps_lower_the_generator_loss_and_persist_in_client_sta
 # --- transfer sets are made once per client ------------------------------------------------
 
 
-def test_a_transfer_set_is_synthesised_once_and_kept_in_the_client_state(monkeypatch):
+def test_a_transfer_set_is_synthesised_once_and_kept_in_the_client_state(monkeypatch,
+                                                                       tmp_path):
+    from fedtl.clients.state import ClientStateStore
+
     cfg = make_config({"trainer": "zskd", "zskd-samples": 30, "zskd-steps": 2,
                        "model": "lenet5-half", "batch-size": 8})
     teacher = build_model("lenet5", DIGITS, seed=0).eval()
@@ -249,22 +252,30 @@ def test_a_transfer_set_is_synthesised_once_and_kept_in_the_client_state(monkeyp
 
     monkeypatch.setattr(ZSKDTrainer, "synthesise", counted)
     monkeypatch.setattr(TransferSetTrainer, "teacher", lambda self, device: teacher)
-    state: dict = {}
     data = federated_data(cfg).client(2)
-    for _ in range(3):  # three rounds, each with a new trainer as the client app makes them
+    store = ClientStateStore(tmp_path, 2)
+    for server_round in (1, 2, 3):  # as the client app does: a new trainer, state from disk
+        state = store.load(before_round=server_round)
         trainer = ZSKDTrainer(cfg)
-        trainer.use_state(state)
+        trainer.use_state(state, 2)
         batch = next(trainer.batches(data, torch.Generator().manual_seed(0)))
         assert batch.shape == (8, 1, 8, 8)
-    assert len(calls) == 1 and state["zskd-transfer-set"]["x"].shape == (30, 1, 8, 8)
+        store.save(server_round, state)
+    kept = store.load(before_round=4)["zskd-transfer-set"]["x"]
+    assert len(calls) == 1 and kept.shape == (30, 1, 8, 8)
     assert trainer.num_examples(data) == 30
+    # the synthesis is seeded by the client's key (a SuperNode with its own data: its node id)
+    other = ZSKDTrainer(cfg)
+    other.use_state({}, 12345)
+    next(other.batches(data, torch.Generator().manual_seed(0)))
+    assert len(calls) == 2 and not torch.equal(other.state["zskd-transfer-set"]["x"], kept)
 
 
 # --- models and teachers -------------------------------------------------------------------
 
 
 def test_student_models_have_the_papers_sizes():
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     half = build_model("lenet5-half", MNIST)
     assert half(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert count(half) == (3 * 25 + 3) + (8 * 3 * 25 + 8) + (8 * 25 * 60 + 60) + \
@@ -300,7 +311,7 @@ def _teacher_run(tmp_path, model="lenet5", epochs=10):
 
 
 def test_teacher_is_read_from_a_fedtl_run_and_bad_teachers_fail_before_ray(tmp_path):
-    path, acc = _teacher_run(tmp_path, epochs=1)
+    path, _ = _teacher_run(tmp_path, epochs=1)
     cfg = make_config({"trainer": "kd", "teacher-checkpoint": str(path), "model": "mlp"})
     teacher = load_teacher(cfg)  # architecture from the run's config.toml: lenet5
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

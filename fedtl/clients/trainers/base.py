@@ -54,17 +54,27 @@ class Trainer(ABC):
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        # The client's persistent state (Flower's Context.state), bound by the client app:
-        # a trainer may keep named state dicts there (a synthetic transfer set, a generator).
+        # The client's persistent state (fedtl.clients.state.ClientStateStore: on the client's
+        # disk, versioned by round), bound by the client app: a trainer may keep named state
+        # dicts there (a synthetic transfer set, a generator) beside the update rule's.
         self.state: MutableMapping[str, dict[str, torch.Tensor]] = {}
+        self.client: int | None = None  # the client's key (partition id, else node id)
 
     @classmethod
     def preflight(cls, cfg: RunConfig) -> None:
         """Raise ConfigError for what this trainer needs and the config lacks (before Ray)."""
 
-    def use_state(self, state: MutableMapping[str, dict[str, torch.Tensor]]) -> None:
-        """Bind the client's persistent state; what the trainer writes there is kept."""
+    def use_state(self, state: MutableMapping[str, dict[str, torch.Tensor]],
+                  client: int | None = None) -> None:
+        """Bind the client's persistent state (what the trainer writes there is saved with
+        it) and the client's key (``client_key``)."""
         self.state = state
+        self.client = client
+
+    def client_key(self, data: ClientData) -> int:
+        """What identifies this client for its own seeds and files: the key bound by the
+        client app (partition id, else the SuperNode's node id), else the partition id."""
+        return data.partition_id if self.client is None else self.client
 
     def num_examples(self, data: ClientData) -> int:
         """How many samples this client's update stands for (FedAvg's averaging weight)."""

@@ -16,8 +16,9 @@ in the official code, with which the weights 0.1 and 5 were tuned (the paper wri
 -(1/n) sum ||f||_1 and the natural log).
 
 In fedtl each client keeps its own generator and its Adam state in its persistent state
-(Flower's Context.state), so it carries on across rounds and never leaves the client. The
-student's optimiser is the update rule's (FedAvg: SGD with ``lr``); the paper uses Adam.
+(``fedtl.clients.state.ClientStateStore``, on its disk), so it carries on across rounds and
+never leaves the client. The student's optimiser is the update rule's (FedAvg: SGD with
+``lr``); the paper uses Adam.
 Budgets: ``dafl-batch-size`` generated samples per step (paper 512), ``dafl-warmup-steps``
 generator-only steps before a client's first student step (0: the paper's joint schedule),
 ``dafl-generator-lr`` (paper 0.2 on MNIST) and ``dafl-generator-width`` (paper 128).
@@ -32,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtl.clients.trainers.data_free import DataFreeTrainer, progress_bar, synthesis_generator
+from fedtl.clients.trainers.data_free import (
+    DataFreeTrainer,
+    progress_bar,
+    synthesis_generator,
+)
 from fedtl.clients.trainers.teacher import logits_and_features
 from fedtl.data import ClientData
 from fedtl.data.datasets import DatasetSpec
@@ -155,17 +160,18 @@ class DAFLTrainer(DataFreeTrainer):
 
         spec = DATASETS.get(self.cfg.dataset)
         teacher = self.teacher(device)
-        g, opt, fresh = self._generator(spec, data.partition_id, device)
+        client = self.client_key(data)
+        g, opt, fresh = self._generator(spec, client, device)
         loss = DAFLLoss()
         if fresh and self.cfg.dafl_warmup_steps:
             with progress_bar(self.cfg.dafl_warmup_steps,
-                              f"client {data.partition_id}: dafl generator") as bar:
+                              f"client {client}: dafl generator") as bar:
                 for _ in range(self.cfg.dafl_warmup_steps):
                     self.generator_step(g, opt, teacher, generator, device, loss)
                     bar.update(1)
         self._keep(g, opt)
         x, _ = self.generator_step(g, opt, teacher, generator, device, loss)
-        save_preview(self.cfg, data.partition_id, self.method, x, teacher)
+        save_preview(self.cfg, client, self.method, x, teacher)
         while True:
             self._keep(g, opt)
             yield x  # no augmentation: the generator already gives fresh samples every step

@@ -1,11 +1,11 @@
 """Data-free distillation: what class impressions, ZSKD and DAFL share.
 
 The client trains the student without touching its data: a *transfer set* is synthesised
-from the frozen teacher on the client, kept in the client's persistent state (Flower's
-Context.state, so it is made once per client, not every round, and never leaves the client),
-and the student learns the teacher's softened predictions on it (the soft term of
-``fedtl.clients.trainers.kd`` only; there are no labels). The client's own splits serve only
-to score the student.
+from the frozen teacher on the client, kept in the client's persistent state
+(``fedtl.clients.state.ClientStateStore``, on the client's disk: it is made once per client,
+not every round, and never leaves the client), and the student learns the teacher's softened
+predictions on it (the soft term of ``fedtl.clients.trainers.kd`` only; there are no
+labels). The client's own splits serve only to score the student.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 
 from fedtl.clients.trainers.kd import DistillationTrainer
 from fedtl.config import RunConfig
-from fedtl.data import ClientData, federated_data
+from fedtl.data import ClientData
 from fedtl.data.datasets import DatasetSpec
 
 
@@ -32,11 +32,12 @@ def input_range(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     batch: (C, 1, 1) for images, (1,) for feature vectors."""
     from fedtl.registry import DATASETS
 
-    pool = federated_data(cfg).source.train
-    mean = torch.tensor(pool.mean, dtype=torch.float32)
-    std = torch.tensor(pool.std, dtype=torch.float32)
+    # the dataset's own normalisation: also known on a SuperNode that holds only its data
+    spec = DATASETS.get(cfg.dataset)
+    mean = torch.tensor(spec.mean, dtype=torch.float32)
+    std = torch.tensor(spec.std, dtype=torch.float32)
     lo, hi = (0 - mean) / std, (1 - mean) / std
-    if DATASETS.get(cfg.dataset).is_image:
+    if spec.is_image:
         return lo.view(-1, 1, 1), hi.view(-1, 1, 1)
     return lo, hi
 
@@ -147,7 +148,8 @@ class TransferSetTrainer(DataFreeTrainer):
         """``n`` inputs made from ``teacher`` alone, within ``bounds`` (normalised space)."""
 
     def transfer_set(self, partition_id: int, device: torch.device | str) -> torch.Tensor:
-        """This client's transfer set: from its state, or synthesised now and kept there."""
+        """This client's transfer set: from its state, or synthesised now and kept there
+        (``partition_id``: the client's key, which seeds the synthesis)."""
         key = f"{self.method}-transfer-set"
         if key not in self.state:
             from fedtl.registry import DATASETS
@@ -164,7 +166,7 @@ class TransferSetTrainer(DataFreeTrainer):
 
     def batches(self, data: ClientData, generator: torch.Generator,
                 device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-        x = self.transfer_set(data.partition_id, device)
+        x = self.transfer_set(self.client_key(data), device)
         lo = input_range(self.cfg)[0]
         n, size = len(x), self.cfg.batch_size
         while True:

@@ -124,7 +124,7 @@ def build_architecture(source: TeacherSource, spec: DatasetSpec) -> nn.Module:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and unpickling errors alike
+    except Exception as exc:  # noqa: BLE001 -- pickle, zip and unpickling errors alike
         raise ConfigError(f"config key 'teacher-checkpoint': {path} is not a readable PyTorch "
                           f"checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
                           ) from None
@@ -172,7 +172,7 @@ def _load(cfg: RunConfig) -> nn.Module:
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *spec.input_shape))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- any failure here means: wrong architecture
         raise ConfigError(
             f"config key 'teacher-model' = {source.model!r}: the teacher cannot take dataset "
             f"{cfg.dataset!r}'s inputs of shape {spec.input_shape} ({type(exc).__name__}: "

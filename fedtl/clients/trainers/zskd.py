@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtl.clients.trainers.data_free import TransferSetTrainer, balanced_classes, progress_bar
+from fedtl.clients.trainers.data_free import (
+    TransferSetTrainer,
+    balanced_classes,
+    progress_bar,
+)
 from fedtl.clients.trainers.teacher import classifier
 from fedtl.data.datasets import DatasetSpec
 
