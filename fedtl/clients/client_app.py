@@ -113,7 +113,7 @@ def _client_key(context: Context, data: ClientData) -> int:
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
                 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A working model and a scratch copy for this architecture, built once per process."""
-    key = (cfg.trainer, cfg.model, cfg.dataset, str(device))
+    key = (cfg.trainer, cfg.model, cfg.mlp_hidden, cfg.dataset, str(device))
     if key not in _models:
         spec = DATASETS.get(cfg.dataset)
         _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device))
@@ -213,6 +213,7 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(cfg.client_timeout + 1.0)
     store = _state_store(msg, context, pid)
     state = store.load(before_round=server_round)
+    trainer.use_state(state, pid)  # a trainer's own state (a transfer set) is saved with it
     _seed_everything(cfg, server_round, pid, 0)
     rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, pid, 0), state)
@@ -223,7 +224,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({
         "arrays": ArrayRecord(weights),
         "metrics": MetricRecord({
-            "num-examples": len(data.train),
+            "num-examples": trainer.num_examples(data),
             **metrics,
             "train-seconds": time.perf_counter() - started,
         }),
@@ -243,11 +244,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])
     pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
-    state = _state_store(msg, context, pid).load(before_round=server_round + 1)
+    store = _state_store(msg, context, pid)
+    state = store.load(before_round=server_round + 1)
+    known = set(state)
+    trainer.use_state(state, pid)
     _seed_everything(cfg, server_round, pid, 1)
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),
                                  state)
+    if set(state) - known:  # e.g. a transfer set made by a client evaluated before it trained
+        store.save(server_round, state)
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):
         for name, s in trainer.evaluate(m, data, device).items():
