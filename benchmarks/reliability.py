@@ -2,12 +2,14 @@
 
 1. The same run twice, without faults and with ``fault-rate`` of the sampled clients failing
    in mixed ways every round (crash, NaN, Inf, wrong shape); prints both final accuracies.
-2. The same run once more, killed with SIGKILL at a random moment, then resumed with
-   ``fedtl run --resume``; prints whether its rounds.jsonl and final summary equal the
-   uninterrupted run's.
+2. The same run once more, killed with SIGKILL at a random moment inside the run (after a
+   random number of finished rounds, 1 to num-rounds - 1, plus a random part of a round), then
+   resumed with ``fedtl run --resume``; prints whether its rounds.jsonl and final summary equal
+   the uninterrupted run's.
 
     python benchmarks/reliability.py --data-dir ../shared/data            # MNIST, 100 clients
     python benchmarks/reliability.py --dataset digits --num-clients 20    # offline, quick
+    python benchmarks/reliability.py --out DIR --reuse    # keep DIR's finished runs, redo the rest
 
 The last line printed is one JSON object with the figures.
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +55,8 @@ def main() -> None:
     p.add_argument("--fault-kinds", default="raise,nan,inf,shape")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="keep the run directories here")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the clean and faulty runs already finished in --out")
     args = p.parse_args()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fedtl-reliability-"))
@@ -65,13 +70,16 @@ def main() -> None:
                      "num_rounds": args.num_rounds, "fault_rate": args.fault_rate,
                      "fault_kinds": args.fault_kinds}
 
-    t0 = time.perf_counter()
-    finish(fedtl(["run", "--out", str(out / "clean"), *common]))
-    figures["clean_seconds"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    finish(fedtl(["run", "--out", str(out / "faulty"), *common, "--set",
-                  f"fault-rate={args.fault_rate}", "--set", f"fault-kinds={args.fault_kinds}"]))
-    figures["faulty_seconds"] = round(time.perf_counter() - t0, 1)
+    def timed_run(name: str, extra: list[str]) -> float:
+        if args.reuse and (out / name / "summary.json").exists():
+            return summary(out / name)["wall_seconds"]
+        t0 = time.perf_counter()
+        finish(fedtl(["run", "--out", str(out / name), *common, *extra]))
+        return round(time.perf_counter() - t0, 1)
+
+    figures["clean_seconds"] = timed_run("clean", [])
+    figures["faulty_seconds"] = timed_run("faulty", [
+        "--set", f"fault-rate={args.fault_rate}", "--set", f"fault-kinds={args.fault_kinds}"])
     clean, faulty = summary(out / "clean"), summary(out / "faulty")
     figures["clean_global_accuracy"] = clean["final"]["global_accuracy"]
     figures["faulty_global_accuracy"] = faulty["final"]["global_accuracy"]
@@ -86,15 +94,27 @@ def main() -> None:
           f"{faulty['final']['centralized_accuracy']}  ({figures['faulty_seconds']} s; "
           f"{figures['failures_recorded']} failures recorded)")
 
-    # SIGKILL at a random moment of the clean run, then resume
-    kill_at = random.Random(args.seed).uniform(0.2, 0.8) * figures["clean_seconds"]
+    # SIGKILL inside the run: after a random number of finished rounds plus part of a round
+    rng = random.Random(args.seed)
+    target_rounds = rng.randint(1, args.num_rounds - 1)
+    round_times = sorted(json.loads(line)["round_seconds"] for line in
+                         (out / "clean" / "timings.jsonl").read_text().splitlines())
+    extra = rng.uniform(0.0, 1.0) * round_times[len(round_times) // 2]  # part of a median round
+    if (out / "killed").exists():
+        shutil.rmtree(out / "killed")
+    rounds_file = out / "killed" / "rounds.jsonl"
+    t0 = time.perf_counter()
     victim = fedtl(["run", "--out", str(out / "killed"), *common], start_new_session=True)
-    time.sleep(kill_at)
-    if victim.poll() is None:
+    while victim.poll() is None and (
+            not rounds_file.exists() or len(rounds_file.read_text().splitlines()) < target_rounds):
+        time.sleep(0.2)
+    time.sleep(extra)
+    kill_at = time.perf_counter() - t0
+    figures["killed"] = victim.poll() is None
+    if figures["killed"]:
         os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    killed_rounds = len((out / "killed" / "rounds.jsonl").read_text().splitlines()) \
-        if (out / "killed" / "rounds.jsonl").exists() else 0
+    killed_rounds = len(rounds_file.read_text().splitlines()) if rounds_file.exists() else 0
     figures["killed_after_seconds"] = round(kill_at, 1)
     figures["rounds_on_disk_when_killed"] = killed_rounds
     if (out / "killed" / "checkpoint.pt").exists():
@@ -106,7 +126,8 @@ def main() -> None:
             == (out / "clean" / "rounds.jsonl").read_text())
     else:
         figures["resumed_equals_uninterrupted"] = None  # killed before the first round ended
-    print(f"SIGKILL after {kill_at:.1f} s ({killed_rounds} rounds on disk), resumed: "
+    print(f"SIGKILL after {kill_at:.1f} s ({'killed' if figures['killed'] else 'NOT killed: ended'}"
+          f" with {killed_rounds} of {args.num_rounds} rounds on disk), resumed: "
           f"identical to the uninterrupted run = {figures['resumed_equals_uninterrupted']}")
     print(json.dumps(figures))
 

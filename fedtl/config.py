@@ -85,6 +85,20 @@ def _device(v: str) -> str | None:
     return None if ok else "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
+def _hidden(v: str) -> str | None:
+    from fedtl.models import parse_hidden
+
+    try:
+        parse_hidden(v)
+    except ValueError as exc:
+        return f"{exc} (e.g. '800,800')"
+    return None
+
+
+def _unit(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
 _KEYS: list[Key] = [
     # --- what is run ---------------------------------------------------------------------
     Key("strategy", "fedavg", "federated algorithm (server strategy + client update rule)",
@@ -149,6 +163,40 @@ _KEYS: list[Key] = [
         "self-supervised", _at_least(2)),
     Key("barlow-lambda", 0.005, "barlow-twins: weight lambda of the off-diagonal terms",
         "self-supervised", _non_negative),
+    # --- knowledge distillation ----------------------------------------------------------
+    Key("mlp-hidden", "800,800", "mlp: hidden-layer widths, comma-separated", "method",
+        _hidden),
+    Key("teacher-checkpoint", "", "distillation: the teacher's weights: a fedtl run directory, "
+        "its model.pt, or a torch state-dict file", "distillation"),
+    Key("teacher-model", "", "distillation: the teacher's architecture: a model name, "
+        "'mlp:W1,W2', or 'torchvision:NAME' (empty: the model in the teacher run's "
+        "config.toml)", "distillation"),
+    Key("kd-temperature", 4.0, "distillation: softmax temperature T of the soft term",
+        "distillation", _positive),
+    Key("kd-alpha", 0.1, "kd: weight of the hard-label cross-entropy (the soft term gets "
+        "1 - kd-alpha)", "distillation", _unit),
+    Key("distill-augment", True, "data-free students: random shift / rotation / scale of "
+        "each transfer batch", "distillation"),
+    Key("synthesis-lr", 0.1, "class-impressions, zskd: Adam learning rate on the "
+        "synthetic images (normalised input units)", "distillation", _positive),
+    Key("ci-samples", 1200, "class-impressions: synthetic images per client",
+        "distillation", _at_least(1)),
+    Key("ci-steps", 50, "class-impressions: optimisation steps per image", "distillation",
+        _at_least(1)),
+    Key("zskd-samples", 1200, "zskd: data impressions per client", "distillation",
+        _at_least(1)),
+    Key("zskd-steps", 50, "zskd: optimisation steps per data impression", "distillation",
+        _at_least(1)),
+    Key("dafl-batch-size", 64, "dafl: generated samples per generator / student step",
+        "distillation", _at_least(2)),
+    Key("dafl-warmup-steps", 0, "dafl: generator-only steps before a client's first student "
+        "step (0: the paper's joint schedule)", "distillation", _at_least(0)),
+    Key("dafl-generator-lr", 0.2, "dafl: the generator's Adam learning rate", "distillation",
+        _positive),
+    Key("dafl-generator-width", 32, "dafl: channels of the generator's first convolution "
+        "(paper: 128)", "distillation", _at_least(2)),
+    Key("synthetic-dir", "", "data-free trainers: folder where each client writes a preview "
+        "of its synthetic samples for 'fedtl plot' (empty: none)", "distillation"),
     # --- Ditto ---------------------------------------------------------------------------
     Key("ditto-lambda", 0.1, "Ditto: proximal weight lambda pulling the personal model v_i "
         "toward the global w", "ditto", _non_negative),

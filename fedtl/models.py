@@ -7,6 +7,8 @@ initialisation so that the server's initial global model depends only on ``seed`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,6 +70,41 @@ def lenet5(spec: DatasetSpec) -> nn.Module:
     )
 
 
+def lenet5_half(spec: DatasetSpec) -> nn.Module:
+    """LeNet-5-half, the student of ZSKD and DAFL: LeNet-5 with half the channels and units
+    (conv5x5x3 - pool - conv5x5x8 - pool - 60 - 42 - classes)."""
+    c, h = spec.input_shape[0], spec.input_shape[1]
+    features = nn.Sequential(
+        nn.Conv2d(c, 3, 5, padding=2 if h < 32 else 0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 8, 5, padding=2 if h < 16 else 0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    return nn.Sequential(
+        features, nn.Linear(_conv_out(features, spec), 60), nn.ReLU(),
+        nn.Linear(60, 42), nn.ReLU(), nn.Linear(42, spec.num_classes),
+    )
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """Hidden-layer widths from text such as ``"800,800"``; raises ValueError when malformed."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(not p.isdigit() or int(p) < 1 for p in parts):
+        raise ValueError(f"{text!r} is not a comma-separated list of positive widths")
+    return tuple(int(p) for p in parts)
+
+
+def mlp(spec: DatasetSpec, hidden: Sequence[int] = (800, 800)) -> nn.Module:
+    """A fully connected ReLU net on the flattened input with the given hidden widths
+    (Hinton et al.'s MNIST student is 2x800, their teacher 2x1200)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = _flat(spec)
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, spec.num_classes))
+    return nn.Sequential(*layers)
+
+
 def resnet18(spec: DatasetSpec) -> nn.Module:
     """torchvision's ResNet-18; for inputs of 32 pixels or fewer the stem is a 3x3 stride-1
     convolution without max-pooling (the usual CIFAR variant)."""
@@ -83,13 +120,26 @@ def resnet18(spec: DatasetSpec) -> nn.Module:
     return model
 
 
-def build_model(name: str, spec: DatasetSpec, seed: int | None = None) -> nn.Module:
-    """The registered model ``name`` for ``spec``; initialised from ``seed`` when given."""
+def model_options(name: str, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Keyword arguments a model factory takes from the run config (``mlp``: ``mlp-hidden``)."""
+    if name == "mlp" and cfg is not None and "mlp-hidden" in cfg:
+        return {"hidden": parse_hidden(cfg["mlp-hidden"])}
+    return {}
+
+
+def build_model(name: str, spec: DatasetSpec, seed: int | None = None,
+                cfg: Mapping[str, Any] | None = None, **options: Any) -> nn.Module:
+    """The registered model ``name`` for ``spec``; initialised from ``seed`` when given.
+
+    Options the architecture takes from the run config (``mlp-hidden``) are read from
+    ``cfg``; explicit ``options`` override them.
+    """
     from fedtl.registry import MODELS
 
     factory = MODELS.get(name)
+    kwargs = {**model_options(name, cfg), **options}
     if seed is None:
-        return factory(spec)
+        return factory(spec, **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return factory(spec)
+        return factory(spec, **kwargs)

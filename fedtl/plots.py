@@ -3,7 +3,9 @@
 - ``accuracy.png``: pooled test accuracy per round, global against personalized (and the
   central test set where the dataset has one);
 - ``clients.png``: the per-client accuracy distribution of the last evaluated round;
-- ``partition.png``: the partition's label matrix (samples of each label on each client).
+- ``partition.png``: the partition's label matrix (samples of each label on each client);
+- ``synthetic.png``: for data-free distillation with ``synthetic-dir``, what the clients
+  synthesised.
 
 With several directories, ``compare-accuracy.png`` overlays their curves.
 """
@@ -31,6 +33,7 @@ def _curves(rounds: list[dict]) -> list[tuple[str, str, str]]:
     known = [key for key, _, _ in CURVES]
     extra = sorted({k for r in rounds for k in r if k.endswith("_accuracy") and k not in known
                     and "_val_" not in k})
+
     def series(key: str) -> list:
         return [r.get(key) for r in rounds]
 
@@ -121,13 +124,24 @@ def plot_partition(run: RunDirectory, out: Path) -> Path | None:
     return out
 
 
+def _plot_synthetic(run: RunDirectory, out: Path) -> Path | None:
+    """``synthetic.png`` from the previews data-free clients wrote (``synthetic-dir``)."""
+    from fedtl.synthetic import plot_synthetic, preview_dir
+
+    try:
+        folder = preview_dir(run.config())
+    except (OSError, ValueError):
+        return None
+    return None if folder is None else plot_synthetic(folder, out / "synthetic.png", _title(run))
+
+
 def plot_run(path: str | Path) -> list[Path]:
     """Draw a run directory's figures into its ``plots/`` folder; returns the files."""
     run = RunDirectory(path)
     out = run.path / "plots"
     out.mkdir(exist_ok=True)
     made = [plot_accuracy(run, out / "accuracy.png"), plot_clients(run, out / "clients.png"),
-            plot_partition(run, out / "partition.png")]
+            plot_partition(run, out / "partition.png"), _plot_synthetic(run, out)]
     return [p for p in made if p is not None]
 
 

@@ -86,6 +86,20 @@ TRAINERS = Registry("trainer", {
     "barlow-twins": Entry("fedtl.clients.trainers.barlow_twins:BarlowTwinsTrainer",
                           "self-supervised (Zbontar et al. 2021): cross-correlation of two "
                           "views toward the identity"),
+    "kd": Entry("fedtl.clients.trainers.kd:KDTrainer",
+                "Hinton KD from teacher-checkpoint on the client's labelled data"),
+    "kd-noise": Entry("fedtl.clients.trainers.kd:NoiseKDTrainer",
+                      "KD on Gaussian noise images (no data; the floor of data-free KD)"),
+    "class-impressions": Entry("fedtl.clients.trainers.class_impressions:"
+                               "ClassImpressionsTrainer",
+                               "data-free KD on class impressions (Mopuri et al. 2018) "
+                               "synthesised on the client"),
+    "zskd": Entry("fedtl.clients.trainers.zskd:ZSKDTrainer",
+                  "data-free KD on Zero-Shot KD data impressions (Nayak et al. 2019) "
+                  "synthesised on the client"),
+    "dafl": Entry("fedtl.clients.trainers.dafl:DAFLTrainer",
+                  "data-free KD from a generator trained on the client (DAFL, Chen et al. "
+                  "2019)"),
 })
 
 DATASETS = Registry("dataset", {
@@ -123,6 +137,10 @@ MODELS = Registry("model", {
     "cnn": Entry("fedtl.models:cnn", "McMahan et al.'s CNN: conv5x5x32-pool-conv5x5x64-pool-"
                  "fc512"),
     "lenet5": Entry("fedtl.models:lenet5", "LeNet-5: conv5x5x6-pool-conv5x5x16-pool-120-84"),
+    "lenet5-half": Entry("fedtl.models:lenet5_half", "LeNet-5-half (ZSKD/DAFL student): "
+                         "conv5x5x3-pool-conv5x5x8-pool-60-42"),
+    "mlp": Entry("fedtl.models:mlp", "fully connected ReLU net, widths from mlp-hidden "
+                 "(Hinton et al.'s 2x800 student)"),
     "resnet18": Entry("fedtl.models:resnet18", "torchvision ResNet-18, stem sized to the input"),
 })
 

@@ -43,11 +43,9 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'device' = {cfg.device!r}: no CUDA GPU is visible "
                           "(accepted: auto, cpu)")
     federated_data(cfg)  # loads the files and builds the partition: their errors come now
-    from fedtl.data import dataset_spec
     from fedtl.registry import TRAINERS
 
-    # a trainer refuses what it cannot train (e.g. a model without an encoder) when built
-    TRAINERS.get(cfg.trainer)(cfg).build_model(dataset_spec(cfg))
+    TRAINERS.get(cfg.trainer).preflight(cfg)  # e.g. a teacher that must load and fit
 
 
 class TqdmProgress:
@@ -174,24 +172,29 @@ def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None
     With ``resume``, continue ``run_dir`` from its last checkpoint. Call ``preflight(cfg)``
     first for clear errors before Ray starts.
     """
+    from fedtl.registry import TRAINERS
+
     outcome: dict[str, Any] = {}
 
     def main(grid) -> None:
         outcome["summary"] = run_federation(grid, cfg, run_dir, progress, resume=resume)
 
     run_on_simulation(main, cfg.num_clients, cfg.client_num_cpus, cfg.client_num_gpus,
-                      verbose=verbose)
+                      verbose=verbose,
+                      client_output=TRAINERS.get(cfg.trainer).shows_client_progress)
     if "summary" not in outcome:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose")
     return outcome["summary"]
 
 
 def run_on_simulation(main: Callable[[Any], None], num_supernodes: int, num_cpus: float,
-                      num_gpus: float, *, verbose: bool = False) -> None:
+                      num_gpus: float, *, verbose: bool = False,
+                      client_output: bool = False) -> None:
     """Start ``num_supernodes`` virtual SuperNodes running fedtl's ClientApp on Ray and call
     ``main(grid)`` as the ServerApp; several federations may run one after another in one
     ``main`` (``fedtl bench`` does), sharing Ray's start-up. An exception ``main`` raises is
-    re-raised here as itself."""
+    re-raised here as itself. ``client_output`` forwards the clients' stdout/stderr (e.g. the
+    progress of a data-free client's synthesis) even when not ``verbose``."""
     quiet_environment()
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -210,7 +213,7 @@ def run_on_simulation(main: Callable[[Any], None], num_supernodes: int, num_cpus
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": verbose,
+            "log_to_driver": verbose or client_output,
             "include_dashboard": False,
         },
     }

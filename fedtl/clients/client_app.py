@@ -116,22 +116,25 @@ def _client_key(context: Context, data: ClientData) -> int:
 
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
                 ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]:
-    """A working model, a scratch copy and the run's initial weights (seeded as the server's),
-    built once per process and run configuration (a trainer's extra parts, e.g. a projector,
-    depend on more keys than the model's)."""
+    """A working model, a scratch copy and the run's initial weights (seeded as the server's)
+    of the parts the server does not aggregate (none for most trainers), built once per
+    process and run configuration (a trainer's extra parts, e.g. a projector, depend on more
+    keys than the model's)."""
     key = (tuple(sorted(cfg.items())), str(device))
     if key not in _models:
         spec = DATASETS.get(cfg.dataset)
-        initial = trainer.build_model(spec, seed=cfg.seed).state_dict()
-        _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device),
-                        initial)
+        model, scratch = trainer.build_model(spec).to(device), trainer.build_model(spec).to(device)
+        local = set(model.state_dict()) - set(trainer.shared_keys(model))
+        initial = ({k: v for k, v in trainer.build_model(spec, seed=cfg.seed).state_dict().items()
+                    if k in local} if local else {})
+        _models[key] = (model, scratch, initial)
     return _models[key]
 
 
 def _receive(model: torch.nn.Module, msg: Message, state: ClientState,
              initial: dict[str, torch.Tensor]) -> None:
-    """Load the global weights; parts the server does not share come from this client's
-    state, or from the initial weights before its first training round."""
+    """Load the global weights; parts the server does not share (the keys of ``initial``)
+    come from this client's state, or from ``initial`` before its first training round."""
     weights = msg.content["arrays"].to_torch_state_dict()
     local = state.get(LOCAL_PARTS, {})
     for key in initial.keys() - weights.keys():
@@ -243,6 +246,7 @@ def train(msg: Message, context: Context) -> Message:
     store = _state_store(msg, context, pid)
     state = store.load(before_round=server_round)
     _receive(model, msg, state, initial)
+    trainer.use_state(state, pid)  # a trainer's own state (a transfer set) is saved with it
     _seed_everything(cfg, server_round, pid, 0)
     rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, pid, 0), state)
@@ -253,7 +257,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({
         "arrays": ArrayRecord(weights),
         "metrics": MetricRecord({
-            "num-examples": len(data.train),
+            "num-examples": trainer.num_examples(data),
             **metrics,
             "train-seconds": time.perf_counter() - started,
         }),
@@ -272,12 +276,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, scratch, initial = _models_for(cfg, trainer, device)
     server_round = int(msg.content["config"]["server-round"])
     pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
-    state = _state_store(msg, context, pid).load(before_round=server_round + 1)
+    store = _state_store(msg, context, pid)
+    state = store.load(before_round=server_round + 1)
+    known = set(state)
+    trainer.use_state(state, pid)
     _receive(model, msg, state, initial)
     _seed_everything(cfg, server_round, pid, 1)
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),
                                  state)
+    if set(state) - known:  # e.g. a transfer set made by a client evaluated before it trained
+        store.save(server_round, state)
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):
         for name, s in trainer.evaluate(m, data, device).items():

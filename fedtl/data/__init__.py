@@ -29,7 +29,7 @@ DATA_KEYS = (
     "synthetic-min-samples", "num-clients", "seed",
 )
 
-IMAGE_MODELS = ("cnn", "lenet5", "resnet18")
+IMAGE_MODELS = ("cnn", "lenet5", "lenet5-half", "resnet18")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ batch gives. Methods with extra parts (a domain head, a teacher, a projector) ow
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -48,14 +48,43 @@ class Trainer(ABC):
     name (e.g. ``source-test``) is reported beside them.
     """
 
+    # True for trainers whose clients do long work of their own (e.g. synthesising a transfer
+    # set) and report it on stderr: the simulation then forwards the clients' output.
+    shows_client_progress = False
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        # The client's persistent state (fedtl.clients.state.ClientStateStore: on the client's
+        # disk, versioned by round), bound by the client app: a trainer may keep named state
+        # dicts there (a synthetic transfer set, a generator) beside the update rule's.
+        self.state: MutableMapping[str, dict[str, torch.Tensor]] = {}
+        self.client: int | None = None  # the client's key (partition id, else node id)
+
+    @classmethod
+    def preflight(cls, cfg: RunConfig) -> None:
+        """Raise ConfigError for what this trainer needs and the config lacks (before Ray)."""
+
+    def use_state(self, state: MutableMapping[str, dict[str, torch.Tensor]],
+                  client: int | None = None) -> None:
+        """Bind the client's persistent state (what the trainer writes there is saved with
+        it) and the client's key (``client_key``)."""
+        self.state = state
+        self.client = client
+
+    def client_key(self, data: ClientData) -> int:
+        """What identifies this client for its own seeds and files: the key bound by the
+        client app (partition id, else the SuperNode's node id), else the partition id."""
+        return data.partition_id if self.client is None else self.client
+
+    def num_examples(self, data: ClientData) -> int:
+        """How many samples this client's update stands for (FedAvg's averaging weight)."""
+        return len(data.train)
 
     def build_model(self, spec: DatasetSpec, seed: int | None = None) -> nn.Module:
         """The model this trainer trains: by default the run's ``model`` for the dataset."""
         from fedtl.models import build_model
 
-        return build_model(self.cfg.model, spec, seed)
+        return build_model(self.cfg.model, spec, seed, cfg=self.cfg)
 
     def evaluate(self, model: nn.Module, data: ClientData,
                  device: torch.device | str = "cpu") -> dict[str, Score]:

@@ -86,6 +86,12 @@ class SelfSupervisedTrainer(Trainer):
         self._views: Views | None = None
         self._central_labelled: Split | None = None
 
+    @classmethod
+    def preflight(cls, cfg: RunConfig) -> None:
+        """Refuse, before Ray starts, what cannot be trained: feature-vector datasets, batches
+        under 2, models without an encoder (building the model says which)."""
+        cls(cfg).build_model(DATASETS.get(cfg.dataset))
+
     @abstractmethod
     def objective(self, feature_dim: int) -> nn.Module:
         """The loss module (owning its projector) for encoder features of ``feature_dim``."""
