@@ -135,7 +135,7 @@ class RunDirectory:
         """The last checkpoint, checked against ``config``; ConfigError when unusable."""
         import torch
 
-        from fedtl.config import ConfigError
+        from fedtl.config import DEFAULTS, ConfigError
 
         path = self.path / "checkpoint.pt"
         if not path.exists():
@@ -152,8 +152,11 @@ class RunDirectory:
             detail = (str(exc).strip().splitlines() or [""])[0]
             raise ConfigError(f"cannot resume {self.path}: checkpoint.pt is corrupt or not "
                               f"fedtl's ({type(exc).__name__}: {detail})") from None
-        changed = sorted(k for k in set(config) | set(ckpt["config"])
-                         if config.get(k) != ckpt["config"].get(k))
+        saved = ckpt["config"]
+        # a key the checkpoint lacks at its default is one a newer fedtl added: not a change
+        changed = sorted(k for k in set(config) | set(saved)
+                         if config.get(k) != saved.get(k)
+                         and not (k not in saved and config.get(k) == DEFAULTS.get(k)))
         if changed:
             raise ConfigError(f"cannot resume {self.path}: config.toml differs from the "
                               f"checkpoint's config in {', '.join(changed)}")

@@ -146,6 +146,12 @@ def test_checkpoint_must_match_the_config(tmp_path):
 
     with pytest.raises(ConfigError, match="differs from the checkpoint's config in lr"):
         run_dir.load_checkpoint(dict(cfg.replace(lr=0.5)))
+    # a checkpoint written before a key existed: fine while the key is at its default
+    older = {k: v for k, v in dict(cfg).items() if k != "kd-temperature"}
+    run_dir.save_checkpoint(1, {"w": torch.zeros(2)}, rounds, older, 1.0)
+    assert run_dir.load_checkpoint(dict(cfg))["round"] == 1
+    with pytest.raises(ConfigError, match="differs from the checkpoint's config in kd-temperature"):
+        run_dir.load_checkpoint(dict(cfg.replace(kd_temperature=9.0)))
 
 
 @pytest.mark.e2e
