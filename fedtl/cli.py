@@ -77,6 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     final = summary["final"]
     shown = {k: final.get(k) for k in ("global_accuracy", "personalized_accuracy",
                                        "centralized_accuracy", "personalized_accuracy_bottom10")}
+    shown.update({k: final[k] for k in ("probe_accuracy", "knn_accuracy") if k in final})
     print(json.dumps({"run_dir": str(run_dir.path), "final": shown,
                       "wall_seconds": round(summary["wall_seconds"], 1)}))
     return 0
@@ -90,7 +91,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for kind, registry in REGISTRIES.items():
         print(f"{titles[kind]}:")
         for name, entry in registry.items():
-            print(f"  {name:<16} {entry.help}")
+            print(f"  {name:<20} {entry.help}")
         print()
     print("config keys (--set key=value, TOML run-configs, flwr --run-config):")
     group = None

@@ -67,6 +67,8 @@ def _gpus(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1] (a fraction of one GPU per client)"
 
 
+def _one_of(*accepted: str) -> Callable[[str], str | None]:
+    return lambda v: None if v in accepted else "must be one of " + ", ".join(map(repr, accepted))
 FAULT_KINDS = ("raise", "nan", "inf", "shape", "timeout")
 
 
@@ -120,6 +122,8 @@ _KEYS: list[Key] = [
         _split_fraction),
     Key("test-fraction", 0.25, "share of each client's data held out for testing", "data",
         _split_fraction),
+    Key("label-fraction", 1.0, "share of each client's train split whose labels it keeps for "
+        "training (drawn from seed)", "data", _fraction),
     Key("synthetic-alpha", 0.5, "synthetic: alpha of Synthetic(alpha, beta) (model heterogeneity)",
         "data", _non_negative),
     Key("synthetic-beta", 0.5, "synthetic: beta of Synthetic(alpha, beta) (feature heterogeneity)",
@@ -148,6 +152,17 @@ _KEYS: list[Key] = [
     Key("personal-lr", 0.02, "pFedMe: inner-solver learning rate for theta (p_lr)", "pfedme",
         _positive),
     Key("inner-steps", 5, "pFedMe: inner-solver steps K per mini-batch", "pfedme", _at_least(1)),
+    # --- self-supervised trainers ---------------------------------------------------------
+    Key("ssl-shared", "encoder+projector", "self-supervised: parts the server averages (the "
+        "rest stay on each client)", "self-supervised", _one_of("encoder+projector", "encoder")),
+    Key("embedding-dim", 128, "instance-spreading: dimension of the L2-normalised embedding",
+        "self-supervised", _at_least(2)),
+    Key("temperature", 0.1, "instance-spreading: softmax temperature tau", "self-supervised",
+        _positive),
+    Key("projector-dim", 512, "barlow-twins: width of the projector's two layers",
+        "self-supervised", _at_least(2)),
+    Key("barlow-lambda", 0.005, "barlow-twins: weight lambda of the off-diagonal terms",
+        "self-supervised", _non_negative),
     # --- knowledge distillation ----------------------------------------------------------
     Key("mlp-hidden", "800,800", "mlp: hidden-layer widths, comma-separated", "method",
         _hidden),
@@ -192,6 +207,8 @@ _KEYS: list[Key] = [
         "evaluation", _fraction),
     Key("finetune-steps", 10, "FedAvg-FT: SGD steps on a client's train split before its "
         "personalized evaluation", "evaluation", _at_least(0)),
+    Key("probe-label-fraction", 0.1, "self-supervised: share of each client's train split "
+        "labelled for the linear probe and kNN", "evaluation", _fraction),
     Key("unseen-clients", 0.0, "share of clients held out of training, personalized from the "
         "global model and tested apart", "evaluation", _split_fraction),
     # --- reliability ---------------------------------------------------------------------

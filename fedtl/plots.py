@@ -27,6 +27,20 @@ CURVES = (("global_accuracy", "global (clients' test splits, pooled)", "-"),
           ("centralized_accuracy", "global (central test set)", ":"))
 
 
+def _curves(rounds: list[dict]) -> list[tuple[str, str, str]]:
+    """CURVES, then any other test accuracy a trainer reported (e.g. ``probe_accuracy`` on
+    the central test set, ``knn_global_accuracy`` on the clients' test splits)."""
+    known = [key for key, _, _ in CURVES]
+    extra = sorted({k for r in rounds for k in r if k.endswith("_accuracy") and k not in known
+                    and "_val_" not in k})
+
+    def series(key: str) -> list:
+        return [r.get(key) for r in rounds]
+
+    extra = [k for k in extra if all(series(k) != series(c) for c in known)]  # no aliases
+    return [*CURVES, *((k, k.removesuffix("_accuracy").replace("_", " "), "-.") for k in extra)]
+
+
 def _evaluated(run: RunDirectory) -> list[dict]:
     return [r for r in run.rounds() if r.get("evaluated")]
 
@@ -45,7 +59,7 @@ def plot_accuracy(run: RunDirectory, out: Path) -> Path | None:
     if not rounds:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, label, style in CURVES:
+    for key, label, style in _curves(rounds):
         pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
         if pts:
             x, y = zip(*pts)

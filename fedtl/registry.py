@@ -79,7 +79,13 @@ STRATEGIES = Registry("strategy", {
 
 TRAINERS = Registry("trainer", {
     "supervised": Entry("fedtl.clients.trainers.supervised:SupervisedTrainer",
-                        "cross-entropy on the client's labelled data"),
+                        "cross-entropy on the client's labelled data (label-fraction of it)"),
+    "instance-spreading": Entry(
+        "fedtl.clients.trainers.instance_spreading:InstanceSpreadingTrainer",
+        "self-supervised (Ye et al. 2019): invariant and spreading instance features"),
+    "barlow-twins": Entry("fedtl.clients.trainers.barlow_twins:BarlowTwinsTrainer",
+                          "self-supervised (Zbontar et al. 2021): cross-correlation of two "
+                          "views toward the identity"),
     "kd": Entry("fedtl.clients.trainers.kd:KDTrainer",
                 "Hinton KD from teacher-checkpoint on the client's labelled data"),
     "kd-noise": Entry("fedtl.clients.trainers.kd:NoiseKDTrainer",

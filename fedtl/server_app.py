@@ -28,8 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtl.config import ConfigError, RunConfig, make_config
-from fedtl.data import dataset_spec
-from fedtl.evaluation import pooled, score, spread
+from fedtl.data import Split, dataset_spec
+from fedtl.evaluation import pooled, spread
 from fedtl.registry import STRATEGIES, TRAINERS
 from fedtl.results import RunDirectory
 from fedtl.strategies import held_out_partitions
@@ -66,7 +66,8 @@ class LogProgress:
 def round_line(record: dict, total: int) -> str:
     parts = [f"round {record['round']}/{total}"]
     for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "personalized"),
-                       ("centralized_accuracy", "central")):
+                       ("centralized_accuracy", "central"), ("probe_accuracy", "probe"),
+                       ("knn_accuracy", "knn")):
         if record.get(key) is not None:
             parts.append(f"{label} {record[key]:.4f}")
     if record.get("failures"):
@@ -301,10 +302,17 @@ def without_global(values: dict[str, Any]) -> dict[str, Any]:
             for k, v in values.items()}
 
 
+def _final_keys(record: dict) -> list[str]:
+    """FINAL_KEYS, then any other accuracy a trainer reported (e.g. ``probe_accuracy``,
+    ``knn_global_accuracy``)."""
+    extra = sorted(k for k in record if k.endswith("_accuracy") and k not in FINAL_KEYS)
+    return [*FINAL_KEYS, *extra]
+
+
 def select_best(rounds: list[dict]) -> dict[str, Any]:
     """Figures at the rounds chosen on VALIDATION accuracy: the global model's figures at the
-    round of best global validation accuracy, the personalized model's at the round of best
-    personalized validation accuracy. Ties go to the earlier round."""
+    round of best global validation accuracy, the personalized model's (keys that name it) at
+    the round of best personalized validation accuracy. Ties go to the earlier round."""
     evaluated = [r for r in rounds if r.get("evaluated")]
     if not evaluated:
         return {}
@@ -318,8 +326,8 @@ def select_best(rounds: list[dict]) -> dict[str, Any]:
     g, p = pick("global"), pick("personalized")
     best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
                             "personalized_round": p["round"]}
-    for key in FINAL_KEYS:
-        source = p if key.removeprefix("unseen_").startswith("personaliz") else g
+    for key in _final_keys(evaluated[-1]):
+        source = p if "personaliz" in key else g
         best[key] = source.get(key)
     return best
 
@@ -329,7 +337,7 @@ def build_summary(cfg: RunConfig, rounds: list[dict], status: str, wall: float,
     evaluated = [r for r in rounds if r.get("evaluated")]
     last = evaluated[-1] if evaluated else {}
     final = {"round": last.get("round")}
-    final.update({k: last.get(k) for k in FINAL_KEYS})
+    final.update({k: last.get(k) for k in _final_keys(last)})
     return {
         "status": status,
         "error": error,
@@ -398,10 +406,20 @@ class Federation:
         self.clients, self.describe_failures = describe_clients(grid, cfg)
         self.strategy = STRATEGIES.get(cfg.strategy).make_strategy(
             cfg, {n: c.partition_id for n, c in self.clients.items()})
-        self.model = TRAINERS.get(cfg.trainer)(cfg).build_model(self.spec, seed=cfg.seed)
+        self.trainer = TRAINERS.get(cfg.trainer)(cfg)
+        self.model = self.trainer.build_model(self.spec, seed=cfg.seed)
+        # The server holds and averages only the parts the trainer shares; the model is
+        # completed with the initial values of the others when it is scored centrally.
+        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.shared = self.trainer.shared_keys(self.model)
         self.algorithm = STRATEGIES.get(cfg.strategy)
         self.held_out = held_out_partitions(cfg)
-        self.central = self.spec.load(cfg).test if self.spec.has_central_test else None
+        test = self.spec.load(cfg).test if self.spec.has_central_test else None
+        self.central = None if test is None else Split(test.inputs(), test.labels())
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The seeded initial weights of the parts the server aggregates."""
+        return ArrayRecord({k: self.initial[k] for k in self.shared})
 
     def _config(self) -> ConfigRecord:
         config = ConfigRecord(dict(self.cfg))
@@ -466,14 +484,14 @@ class Federation:
             rows = [{**r, "unseen": int(r["partition_id"] in self.held_out)} for r in rows]
         record = summarize_clients(rows, self.held_out)
         record["centralized_accuracy"] = None
-        if self.central is not None:
-            self.model.load_state_dict(arrays.to_torch_state_dict())
-            s = score(self.model, self.central.inputs(), self.central.labels())
-            record["centralized_accuracy"] = s.accuracy
-            record["centralized_loss"] = s.loss_sum / s.total
         if not self.algorithm.has_global_model:
             record = without_global(record)
             rows = [without_global(r) for r in rows]
+        else:  # each name s the trainer scores becomes s_accuracy / s_loss (null if unscored)
+            self.model.load_state_dict({**self.initial, **arrays.to_torch_state_dict()})
+            for name, s in self.trainer.central_scores(self.model, self.central).items():
+                record[f"{name}_accuracy"] = s.accuracy if s.total else None
+                record[f"{name}_loss"] = s.loss_sum / s.total if s.total else None
         record["failures"] = failures
         record["bytes_sent"] = _bytes(arrays) * len(messages)
         self.run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
@@ -542,7 +560,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
         if resume:
             arrays = ArrayRecord(checkpoint["arrays"])
         else:
-            arrays = ArrayRecord(federation.model.state_dict())
+            arrays = federation.initial_arrays()
         startup = time.perf_counter() - started
         arrays = federation.run(arrays, rounds, started, previous_wall)
         run_dir.save_model(arrays.to_torch_state_dict())

@@ -67,7 +67,8 @@ class TqdmProgress:
             return
         post = {}
         for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "pers"),
-                           ("centralized_accuracy", "central")):
+                           ("centralized_accuracy", "central"), ("probe_accuracy", "probe"),
+                           ("knn_accuracy", "knn")):
             if record.get(key) is not None:
                 post[label] = f"{record[key]:.3f}"
         if record.get("failures"):

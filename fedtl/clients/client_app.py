@@ -4,8 +4,9 @@ Every message carries the run configuration in its ConfigRecord, so a client nee
 but its node config: ``data-path`` (its own data, on real machines; see fedtl.data.local)
 or ``partition-id`` / ``num-partitions`` (a simulated partition, also for demos). Datasets,
 partitions and models are built once per process and reused across the clients and rounds an
-actor serves; a client's persistent state (pFedMe's theta_i) is kept on its own disk,
-versioned by round (``fedtl.clients.state``; node config ``state-dir`` on real machines).
+actor serves; a client's persistent state (pFedMe's theta_i, the model parts its trainer does
+not share) is kept on its own disk, versioned by round (``fedtl.clients.state``; node config
+``state-dir`` on real machines).
 
 Messages handled:
 - ``query.describe``: the client's split sizes and label counts (never its samples);
@@ -27,7 +28,7 @@ from flwr.clientapp import ClientApp
 
 from fedtl.clients.state import ClientStateStore
 from fedtl.clients.trainers.base import Trainer
-from fedtl.clients.update_rule import UpdateRule
+from fedtl.clients.update_rule import ClientState, UpdateRule
 from fedtl.config import RunConfig, make_config
 from fedtl.data import ClientData, federated_data
 from fedtl.data.local import client_stats, local_client_data
@@ -38,7 +39,10 @@ MESSAGE_KEYS = ("server-round", "state-dir")
 
 app = ClientApp()
 
-_models: dict[tuple, tuple[torch.nn.Module, torch.nn.Module]] = {}
+# Client-state entry holding the model parts the server does not aggregate (Trainer.shared_keys)
+LOCAL_PARTS = "local-parts"
+
+_models: dict[tuple, tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]] = {}
 _threads_set = False
 
 
@@ -111,13 +115,42 @@ def _client_key(context: Context, data: ClientData) -> int:
 
 
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
-                ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A working model and a scratch copy for this architecture, built once per process."""
-    key = (cfg.trainer, cfg.model, cfg.mlp_hidden, cfg.dataset, str(device))
+                ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]:
+    """A working model, a scratch copy and the run's initial weights (seeded as the server's)
+    of the parts the server does not aggregate (none for most trainers), built once per
+    process and run configuration (a trainer's extra parts, e.g. a projector, depend on more
+    keys than the model's)."""
+    key = (tuple(sorted(cfg.items())), str(device))
     if key not in _models:
         spec = DATASETS.get(cfg.dataset)
-        _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device))
+        model, scratch = trainer.build_model(spec).to(device), trainer.build_model(spec).to(device)
+        local = set(model.state_dict()) - set(trainer.shared_keys(model))
+        initial = ({k: v for k, v in trainer.build_model(spec, seed=cfg.seed).state_dict().items()
+                    if k in local} if local else {})
+        _models[key] = (model, scratch, initial)
     return _models[key]
+
+
+def _receive(model: torch.nn.Module, msg: Message, state: ClientState,
+             initial: dict[str, torch.Tensor]) -> None:
+    """Load the global weights; parts the server does not share (the keys of ``initial``)
+    come from this client's state, or from ``initial`` before its first training round."""
+    weights = msg.content["arrays"].to_torch_state_dict()
+    local = state.get(LOCAL_PARTS, {})
+    for key in initial.keys() - weights.keys():
+        weights[key] = local.get(key, initial[key])
+    model.load_state_dict(weights)
+
+
+def _shared_weights(model: torch.nn.Module, trainer: Trainer,
+                    state: ClientState) -> dict[str, torch.Tensor]:
+    """The parts of ``model`` the server aggregates; the others go into ``state``."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    shared = set(trainer.shared_keys(model))
+    local = {k: v.clone() for k, v in weights.items() if k not in shared}
+    if local:
+        state[LOCAL_PARTS] = local
+    return {k: v for k, v in weights.items() if k in shared}
 
 
 def _generator(cfg: RunConfig, server_round: int, client: int, purpose: int) -> torch.Generator:
@@ -202,8 +235,7 @@ def train(msg: Message, context: Context) -> Message:
     device = _device(cfg)
     data = _local_data(context, cfg)
     trainer = TRAINERS.get(cfg.trainer)(cfg)
-    model, _ = _models_for(cfg, trainer, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model, _, initial = _models_for(cfg, trainer, device)
     server_round = int(msg.content["config"]["server-round"])
     pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
     fault = injected_fault(cfg, server_round, pid)
@@ -213,12 +245,13 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(cfg.client_timeout + 1.0)
     store = _state_store(msg, context, pid)
     state = store.load(before_round=server_round)
+    _receive(model, msg, state, initial)
     trainer.use_state(state, pid)  # a trainer's own state (a transfer set) is saved with it
     _seed_everything(cfg, server_round, pid, 0)
     rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, pid, 0), state)
+    weights = _shared_weights(model, trainer, state)
     store.save(server_round, state)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if fault in ("nan", "inf", "shape"):
         weights = _corrupt(weights, fault)
     reply = RecordDict({
@@ -240,14 +273,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = _device(cfg)
     data = _local_data(context, cfg)
     trainer = TRAINERS.get(cfg.trainer)(cfg)
-    model, scratch = _models_for(cfg, trainer, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model, scratch, initial = _models_for(cfg, trainer, device)
     server_round = int(msg.content["config"]["server-round"])
     pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
     store = _state_store(msg, context, pid)
     state = store.load(before_round=server_round + 1)
     known = set(state)
     trainer.use_state(state, pid)
+    _receive(model, msg, state, initial)
     _seed_everything(cfg, server_round, pid, 1)
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),

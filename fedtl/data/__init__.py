@@ -52,6 +52,17 @@ class ClientData:
     val: Split
     test: Split
 
+    def labelled(self, fraction: float, seed: int) -> Split:
+        """The part of the train split whose labels the client keeps: ``fraction`` of it
+        (rounded, at least one sample), drawn from (seed, partition id); the whole split when
+        ``fraction`` is 1. Subsets are nested: the 1% subset lies inside the 10% subset."""
+        n = len(self.train)
+        if fraction >= 1 or n == 0:
+            return self.train
+        order = np.random.default_rng([seed, self.partition_id, 0x1ABE1]).permutation(n)
+        idx = torch.from_numpy(np.sort(order[:max(1, round(fraction * n))]))
+        return Split(self.train.x[idx], self.train.y[idx])
+
 
 @dataclass
 class FederatedData:

@@ -94,8 +94,25 @@ class Trainer(ABC):
 
     def batches(self, data: ClientData, generator: torch.Generator,
                 device: torch.device | str = "cpu") -> Iterator[Any]:
-        """Endless training batches from the client's train split."""
-        return batch_stream(data.train, self.cfg.batch_size, generator, device)
+        """Endless training batches from the labelled part of the client's train split
+        (``label-fraction`` of it; all of it by default)."""
+        labelled = data.labelled(self.cfg.label_fraction, self.cfg.seed)
+        return batch_stream(labelled, self.cfg.batch_size, generator, device)
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """State-dict keys of ``model`` that the server aggregates; the others stay on each
+        client (in its ClientStateStore). By default everything is shared."""
+        return list(model.state_dict())
+
+    def central_scores(self, model: nn.Module, central: Split | None,
+                       device: torch.device | str = "cpu") -> dict[str, Score]:
+        """How the server scores the global ``model`` with the dataset's central test set
+        (None where there is none); each name ``s`` is reported as ``s_accuracy`` and
+        ``s_loss`` (null for an empty Score). By default the model's classification accuracy,
+        as ``centralized``; nothing without a central test set."""
+        if central is None:
+            return {}
+        return {"centralized": score(model, central.x, central.y, device)}
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
