@@ -67,6 +67,24 @@ def _gpus(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1] (a fraction of one GPU per client)"
 
 
+def _target_dataset(v: str) -> str | None:
+    if v == "":
+        return None
+    from fedtl.registry import DATASETS  # registry imports no config state
+
+    if v in DATASETS:
+        return None
+    return f"unknown dataset. Accepted: '' (no target domain), {', '.join(DATASETS)}"
+
+
+def _one_of(*names: str) -> Callable[[str], str | None]:
+    return lambda v: None if v in names else f"accepted: {', '.join(names)}"
+
+
+def _open_fraction(v: float) -> str | None:
+    return None if 0 < v < 1 else "must be a fraction in (0, 1)"
+
+
 def _device(v: str) -> str | None:
     ok = v in ("auto", "cpu") or v == "cuda" or v.startswith("cuda:")
     return None if ok else "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -123,6 +141,24 @@ _KEYS: list[Key] = [
     Key("personal-lr", 0.02, "pFedMe: inner-solver learning rate for theta (p_lr)", "pfedme",
         _positive),
     Key("inner-steps", 5, "pFedMe: inner-solver steps K per mini-batch", "pfedme", _at_least(1)),
+    # --- domain adaptation -------------------------------------------------------------
+    Key("target-dataset", "", "domain-adaptation trainers: the unlabelled target domain "
+        "('' = none; `dataset` is the source)", "domain adaptation", _target_dataset),
+    Key("da-scenario", "shared-target", "who holds which domain: shared-target, split, "
+        "domain-per-client", "domain adaptation",
+        _one_of("shared-target", "split", "domain-per-client")),
+    Key("target-client-share", 0.5, "split / domain-per-client: share of clients holding the "
+        "target domain", "domain adaptation", _open_fraction),
+    Key("photo-dir", "", "mnist-m / digits-m: folder of colour photos to crop backgrounds from "
+        "('' = the photos scikit-learn ships)", "domain adaptation"),
+    Key("dann-share-domain-head", True, "dann: aggregate the domain head (false: each client "
+        "keeps its own)", "domain adaptation"),
+    Key("dann-lr-annealing", True, "dann: anneal the local learning rates by 1/(1+10p)^0.75",
+        "domain adaptation"),
+    Key("adda-source-rounds", 10, "adda: rounds of stage 1 (source training); the rest of "
+        "num-rounds adapt the target encoder", "domain adaptation", _at_least(1)),
+    Key("adda-adapt-lr", 0.01, "adda: client learning rate in stage 2 (target encoder and "
+        "discriminator)", "domain adaptation", _positive),
     # --- evaluation ----------------------------------------------------------------------
     Key("eval-every", 1, "evaluate every N rounds (the last round is always evaluated)",
         "evaluation", _at_least(1)),

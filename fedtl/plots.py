@@ -1,7 +1,8 @@
 """Figures of a run directory (``fedtl plot DIR [DIR ...]``).
 
 - ``accuracy.png``: pooled test accuracy per round, global against personalized (and the
-  central test set where the dataset has one);
+  central test set where the dataset has one, and any other split a trainer reports, such
+  as domain adaptation's source test split); dotted lines mark where a phase begins;
 - ``clients.png``: the per-client accuracy distribution of the last evaluated round;
 - ``partition.png``: the partition's label matrix (samples of each label on each client).
 
@@ -34,7 +35,8 @@ def _title(run: RunDirectory) -> str:
         c = run.config()
     except (OSError, ValueError):
         return run.path.name
-    return (f"{c.get('strategy')} / {c.get('trainer')} on {c.get('dataset')} "
+    shift = f" -> {c['target-dataset']}" if c.get("target-dataset") else ""
+    return (f"{c.get('strategy')} / {c.get('trainer')} on {c.get('dataset')}{shift} "
             f"({c.get('partitioner')}, {c.get('num-clients')} clients, {c.get('model')})")
 
 
@@ -43,11 +45,29 @@ def plot_accuracy(run: RunDirectory, out: Path) -> Path | None:
     if not rounds:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, label, style in CURVES:
+    # other splits a trainer reports (e.g. source-test in domain adaptation), global model
+    extra = sorted({k for r in rounds for k in r if k.endswith("_global_accuracy")})
+    try:
+        target = run.config().get("target-dataset")
+    except (OSError, ValueError):
+        target = None
+    if target:  # domain adaptation: the headline splits are the target domain's
+        curves = [(k, f"{label} on target {target}", st) for k, label, st in CURVES]
+    else:
+        curves = list(CURVES)
+    curves = [*curves, *((k, f"global ({k.removesuffix('_global_accuracy')} split, pooled)",
+                          "-.") for k in extra)]
+    for key, label, style in curves:
         pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, style, marker="o" if len(pts) < 30 else None, ms=3, label=label)
+    all_rounds = run.rounds()
+    for prev, r in zip(all_rounds, all_rounds[1:]):  # where a multi-phase trainer moves on
+        if r.get("phase") != prev.get("phase"):
+            ax.axvline(r["round"] - 0.5, color="grey", lw=0.8, ls=":")
+            ax.annotate(r["phase"], (r["round"] - 0.5, 0.02), fontsize=7, color="grey",
+                        xycoords=("data", "axes fraction"))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_title(_title(run), fontsize=9)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedtl.clients.trainers.base import Phase
 from fedtl.config import ConfigError, RunConfig, make_config
 from fedtl.data import dataset_spec
 from fedtl.evaluation import pooled, score, spread
@@ -59,6 +60,8 @@ class LogProgress:
 
 def round_line(record: dict, total: int) -> str:
     parts = [f"round {record['round']}/{total}"]
+    if record.get("phase") not in (None, "train"):
+        parts.append(f"[{record['phase']}]")
     for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "personalized"),
                        ("centralized_accuracy", "central")):
         if record.get(key) is not None:
@@ -226,13 +229,28 @@ FINAL_KEYS = (
 )
 
 
+def summary_keys(record: dict) -> list[str]:
+    """FINAL_KEYS, then the pooled accuracies of any other split a trainer reports."""
+    extra = sorted(k for k in record if k.endswith(("_global_accuracy", "_personalized_accuracy"))
+                   and k not in FINAL_KEYS)
+    return [*FINAL_KEYS, *extra]
+
+
+def _add_aliases(figures: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    for alias, key in aliases.items():
+        figures[alias] = figures.get(key)
+    return figures
+
+
 def select_best(rounds: list[dict]) -> dict[str, Any]:
     """Figures at the rounds chosen on VALIDATION accuracy: the global model's figures at the
     round of best global validation accuracy, the personalized model's at the round of best
-    personalized validation accuracy. Ties go to the earlier round."""
+    personalized validation accuracy. Ties go to the earlier round. Only rounds of the last
+    phase compete (earlier phases of a multi-phase trainer prepare the final model)."""
     evaluated = [r for r in rounds if r.get("evaluated")]
     if not evaluated:
         return {}
+    evaluated = [r for r in evaluated if r.get("phase") == evaluated[-1].get("phase")]
 
     def pick(kind: str) -> dict:
         valued = [r for r in evaluated if r.get(f"{kind}_val_accuracy") is not None]
@@ -243,8 +261,8 @@ def select_best(rounds: list[dict]) -> dict[str, Any]:
     g, p = pick("global"), pick("personalized")
     best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
                             "personalized_round": p["round"]}
-    for key in FINAL_KEYS:
-        source = p if key.startswith("personaliz") else g
+    for key in summary_keys(evaluated[-1]):
+        source = p if "personaliz" in key else g
         best[key] = source.get(key)
     return best
 
@@ -254,16 +272,18 @@ def build_summary(cfg: RunConfig, rounds: list[dict], status: str, wall: float,
     evaluated = [r for r in rounds if r.get("evaluated")]
     last = evaluated[-1] if evaluated else {}
     final = {"round": last.get("round")}
-    final.update({k: last.get(k) for k in FINAL_KEYS})
+    final.update({k: last.get(k) for k in summary_keys(last)})
+    aliases = dict(TRAINERS.get(cfg.trainer).summary_aliases)
     return {
         "status": status,
         "error": error,
         "strategy": cfg.strategy, "trainer": cfg.trainer, "dataset": cfg.dataset,
+        "target_dataset": cfg.target_dataset or None,
         "model": cfg.model, "partitioner": cfg.partitioner, "num_clients": cfg.num_clients,
         "rounds_completed": rounds[-1]["round"] if rounds else 0,
         "num_rounds": cfg.num_rounds,
-        "final": final,
-        "best": select_best(rounds),
+        "final": _add_aliases(final, aliases),
+        "best": _add_aliases(select_best(rounds), aliases) if evaluated else {},
         "wall_seconds": wall,
         "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
         "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
@@ -277,9 +297,29 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def phase_schedule(cfg: RunConfig, phases: list[Phase]) -> list[tuple[Phase, dict]]:
+    """Each round's phase and message config (the run config with the phase's overrides);
+    raises ConfigError unless the phases' rounds add up to ``num-rounds``."""
+    if sum(p.rounds for p in phases) != cfg.num_rounds or any(p.rounds < 1 for p in phases):
+        shown = ", ".join(f"{p.name}: {p.rounds}" for p in phases)
+        raise ConfigError(f"config key 'num-rounds' = {cfg.num_rounds}: trainer {cfg.trainer!r} "
+                          f"runs phases of {shown} rounds, which must each be >= 1 and add up "
+                          "to num-rounds")
+    schedule = []
+    for phase in phases:
+        config = dict(make_config({**cfg, **phase.config}, where=f"phase {phase.name!r}"))
+        config["phase"] = phase.name
+        schedule += [(phase, config)] * phase.rounds
+    return schedule
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
                    progress: Progress | None = None) -> dict[str, Any]:
     """Run ``num-rounds`` rounds of ``cfg``'s algorithm on the nodes of ``grid``.
+
+    The trainer's phases (one, ``train``, unless it declares more) split the rounds; each
+    phase's messages carry its config, its ``begin`` maps the global model as it starts, and
+    its last round is always evaluated.
 
     Writes the run directory as it goes and returns the summary. Raises RunFailed when the
     federation cannot continue; the summary then says so and finished rounds stay on disk.
@@ -295,16 +335,22 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
         central = spec.load(cfg).test if spec.has_central_test else None
         strategy = STRATEGIES.get(cfg.strategy).make_strategy(
             cfg, {n: c.partition_id for n, c in clients.items()})
-        model = TRAINERS.get(cfg.trainer)(cfg).build_model(spec, seed=cfg.seed)
+        trainer = TRAINERS.get(cfg.trainer)(cfg)
+        schedule = phase_schedule(cfg, trainer.phases())
+        model = trainer.build_model(spec, seed=cfg.seed)
         arrays = ArrayRecord(model.state_dict())
         progress.start(cfg.num_rounds)
         startup = time.perf_counter() - started
         for rnd in range(1, cfg.num_rounds + 1):
             t0 = time.perf_counter()
-            record: dict[str, Any] = {"round": rnd}
+            phase, config = schedule[rnd - 1]
+            record: dict[str, Any] = {"round": rnd, "phase": phase.name}
             failures = list(describe_failures) if rnd == 1 else []
+            first_of_phase = rnd == 1 or schedule[rnd - 2][0] is not phase
+            if first_of_phase and phase.begin is not None:
+                arrays = ArrayRecord(phase.begin(arrays.to_torch_state_dict()))
 
-            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(cfg)), grid))
+            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(config), grid))
             sent = _bytes(arrays) * len(messages)
             replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
             failures += _failures(replies, clients, "train")
@@ -318,10 +364,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
             record["clients_trained"] = len(ok)
             record["train_loss"] = _clean(train_metrics.get("train-loss")) if train_metrics else None
 
-            evaluated = rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds
+            last_of_phase = rnd == cfg.num_rounds or schedule[rnd][0] is not phase
+            evaluated = rnd % cfg.eval_every == 0 or last_of_phase
             record["evaluated"] = evaluated
             if evaluated:
-                messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(cfg)),
+                messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(config),
                                                             grid))
                 sent += _bytes(arrays) * len(messages)
                 replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))

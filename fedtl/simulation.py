@@ -42,7 +42,11 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.device.startswith("cuda") and not cuda:
         raise ConfigError(f"config key 'device' = {cfg.device!r}: no CUDA GPU is visible "
                           "(accepted: auto, cpu)")
+    from fedtl.registry import TRAINERS
+    from fedtl.server_app import phase_schedule
+
     federated_data(cfg)  # loads the files and builds the partition: their errors come now
+    phase_schedule(cfg, TRAINERS.get(cfg.trainer)(cfg).phases())
 
 
 class TqdmProgress:
@@ -63,6 +67,8 @@ class TqdmProgress:
         if self.bar is None:
             return
         post = {}
+        if record.get("phase") not in (None, "train"):
+            post["phase"] = record["phase"]
         for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "pers"),
                            ("centralized_accuracy", "central")):
             if record.get(key) is not None:

@@ -24,11 +24,12 @@ from flwr.clientapp import ClientApp
 from fedtl.clients.trainers.base import Trainer
 from fedtl.clients.update_rule import ClientState, UpdateRule
 from fedtl.config import RunConfig, make_config
-from fedtl.data import ClientData, federated_data
-from fedtl.registry import DATASETS, STRATEGIES, TRAINERS
+from fedtl.data import ClientData, dataset_spec, federated_data
+from fedtl.registry import STRATEGIES, TRAINERS
 
 # Keys the server adds to the run config in a message (not config keys themselves).
-MESSAGE_KEYS = ("server-round",)
+MESSAGE_KEYS = ("server-round", "phase")
+LOCAL_PARTS = "local-parts"  # Context.state entry: the state-dict parts a client keeps
 
 app = ClientApp()
 
@@ -83,9 +84,9 @@ def _local_data(context: Context, cfg: RunConfig) -> ClientData:
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
                 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A working model and a scratch copy for this architecture, built once per process."""
-    key = (cfg.trainer, cfg.model, cfg.dataset, str(device))
+    key = (cfg.trainer, cfg.model, cfg.dataset, cfg.target_dataset, str(device))
     if key not in _models:
-        spec = DATASETS.get(cfg.dataset)
+        spec = dataset_spec(cfg)
         _models[key] = (trainer.build_model(spec).to(device), trainer.build_model(spec).to(device))
     return _models[key]
 
@@ -94,6 +95,22 @@ def _generator(cfg: RunConfig, server_round: int, partition_id: int, purpose: in
     """A generator seeded by (seed, round, client, purpose): batches are reproducible."""
     seed = np.random.SeedSequence([cfg.seed, server_round, partition_id, purpose])
     return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+
+
+def _trainer(cfg: RunConfig, msg: Message) -> Trainer:
+    """The run's trainer, told which round and phase ``msg`` belongs to."""
+    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    config = msg.content["config"]
+    trainer.begin(int(config["server-round"]), str(config.get("phase", "")))
+    return trainer
+
+
+def _load_global(model: torch.nn.Module, msg: Message, trainer: Trainer, context: Context
+                 ) -> None:
+    """Load the received global weights, then the parts this client keeps for itself."""
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    if trainer.local_prefixes() and LOCAL_PARTS in context.state.array_records:
+        model.load_state_dict(context.state[LOCAL_PARTS].to_torch_state_dict(), strict=False)
 
 
 def _update_rule(cfg: RunConfig, trainer: Trainer, device: torch.device) -> UpdateRule:
@@ -117,11 +134,9 @@ def describe(msg: Message, context: Context) -> Message:
     fed = federated_data(cfg)
     pid = _partition(context, cfg)
     stats = fed.client_stats()[pid]
-    record = MetricRecord({
-        "partition-id": pid, "num-partitions": fed.num_clients,
-        "num-train": stats["num-train"], "num-val": stats["num-val"],
-        "num-test": stats["num-test"], "label-counts": stats["label-counts"],
-    })
+    # num-train / num-val / num-test / label-counts, and whatever else the data reports
+    # (a domain-adaptation client adds its target splits' sizes and labels)
+    record = MetricRecord({**stats, "partition-id": pid, "num-partitions": fed.num_clients})
     return Message(RecordDict({"stats": record}), reply_to=msg)
 
 
@@ -133,18 +148,26 @@ def train(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     device = _device(cfg)
     data = _local_data(context, cfg)
-    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    trainer = _trainer(cfg, msg)
     model, _ = _models_for(cfg, trainer, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    _load_global(model, msg, trainer, context)
     state = _load_state(context)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = trainer.server_round
     rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, data.partition_id, 0), state)
     _save_state(context, state)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if prefixes := trainer.local_prefixes():
+        # keep this client's own parts; the server gets back the values it sent
+        context.state[LOCAL_PARTS] = ArrayRecord(
+            {k: v.clone() for k, v in weights.items() if k.startswith(prefixes)})
+        received = msg.content["arrays"]
+        weights.update({k: torch.from_numpy(received[k].numpy()) for k in weights
+                        if k.startswith(prefixes)})
     reply = RecordDict({
-        "arrays": ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "arrays": ArrayRecord(weights),
         "metrics": MetricRecord({
-            "num-examples": len(data.train),
+            "num-examples": trainer.num_examples(data),
             **metrics,
             "train-seconds": time.perf_counter() - started,
         }),
@@ -159,10 +182,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     device = _device(cfg)
     data = _local_data(context, cfg)
-    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    trainer = _trainer(cfg, msg)
     model, scratch = _models_for(cfg, trainer, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    server_round = int(msg.content["config"]["server-round"])
+    _load_global(model, msg, trainer, context)
+    server_round = trainer.server_round
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data,
                                  _generator(cfg, server_round, data.partition_id, 1),
