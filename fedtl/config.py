@@ -159,6 +159,9 @@ _KEYS: list[Key] = [
         "num-rounds adapt the target encoder", "domain adaptation", _at_least(1)),
     Key("adda-adapt-lr", 0.01, "adda: client learning rate in stage 2 (target encoder and "
         "discriminator)", "domain adaptation", _positive),
+    Key("adda-adapt-momentum", 0.5, "adda: client SGD momentum in stage 2 (the paper's Adam "
+        "uses beta1 = 0.5)", "domain adaptation",
+        lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     # --- evaluation ----------------------------------------------------------------------
     Key("eval-every", 1, "evaluate every N rounds (the last round is always evaluated)",
         "evaluation", _at_least(1)),

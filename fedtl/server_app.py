@@ -231,8 +231,8 @@ FINAL_KEYS = (
 
 def summary_keys(record: dict) -> list[str]:
     """FINAL_KEYS, then the pooled accuracies of any other split a trainer reports."""
-    extra = sorted(k for k in record if k.endswith(("_global_accuracy", "_personalized_accuracy"))
-                   and k not in FINAL_KEYS)
+    suffixes = ("_global_accuracy", "_personalized_accuracy")
+    extra = sorted(k for k in record if k.endswith(suffixes) and k not in FINAL_KEYS)
     return [*FINAL_KEYS, *extra]
 
 

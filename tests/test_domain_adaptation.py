@@ -300,7 +300,7 @@ def test_adda_phases_and_target_encoder_initialisation():
     cfg, trainer, model = _adda("adapt")
     phases = trainer.phases()
     assert [(p.name, p.rounds) for p in phases] == [("source", 2), ("adapt", 2)]
-    assert phases[1].config == {"lr": cfg.adda_adapt_lr}
+    assert phases[1].config == {"lr": cfg.adda_adapt_lr, "momentum": cfg.adda_adapt_momentum}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     first = next(k for k in state if k.startswith("encoder."))
     state[first] += 1.0  # the trained source encoder differs from its initialisation

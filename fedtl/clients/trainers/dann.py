@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtl.clients.trainers.domain import DomainBatch, DomainTrainer, feature_size, split_backbone, zero_loss
+from fedtl.clients.trainers.domain import (
+    DomainBatch,
+    DomainTrainer,
+    feature_size,
+    split_backbone,
+    zero_loss,
+)
 from fedtl.data.datasets import DatasetSpec
 
 DOMAIN_HIDDEN = 100  # the paper's MNIST domain classifier: features -> 100 -> 2
