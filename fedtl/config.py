@@ -85,6 +85,17 @@ def _open_fraction(v: float) -> str | None:
     return None if 0 < v < 1 else "must be a fraction in (0, 1)"
 
 
+FAULT_KINDS = ("raise", "nan", "inf", "shape", "timeout")
+
+
+def _fault_kinds(v: str) -> str | None:
+    kinds = [k.strip() for k in v.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FAULT_KINDS]
+    if not kinds or bad:
+        return f"must be a comma-separated list of {', '.join(FAULT_KINDS)}"
+    return None
+
+
 def _device(v: str) -> str | None:
     ok = v in ("auto", "cpu") or v == "cuda" or v.startswith("cuda:")
     return None if ok else "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -162,11 +173,27 @@ _KEYS: list[Key] = [
     Key("adda-adapt-momentum", 0.5, "adda: client SGD momentum in stage 2 (the paper's Adam "
         "uses beta1 = 0.5)", "domain adaptation",
         lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    # --- Ditto ---------------------------------------------------------------------------
+    Key("ditto-lambda", 0.1, "Ditto: proximal weight lambda pulling the personal model v_i "
+        "toward the global w", "ditto", _non_negative),
     # --- evaluation ----------------------------------------------------------------------
     Key("eval-every", 1, "evaluate every N rounds (the last round is always evaluated)",
         "evaluation", _at_least(1)),
+    Key("eval-fraction", 1.0, "fraction of clients evaluated (the same seeded subset each time)",
+        "evaluation", _fraction),
     Key("finetune-steps", 10, "FedAvg-FT: SGD steps on a client's train split before its "
         "personalized evaluation", "evaluation", _at_least(0)),
+    Key("unseen-clients", 0.0, "share of clients held out of training, personalized from the "
+        "global model and tested apart", "evaluation", _split_fraction),
+    # --- reliability ---------------------------------------------------------------------
+    Key("min-clients", 1, "fewest valid training replies a round needs to go on", "reliability",
+        _at_least(1)),
+    Key("client-timeout", 3600.0, "seconds the server waits for replies in a round; late clients "
+        "are left out", "reliability", _positive),
+    Key("fault-rate", 0.0, "fault injection: probability that a sampled client fails in a round",
+        "reliability", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    Key("fault-kinds", "raise,nan,inf,shape", "fault injection: failures drawn from "
+        "raise, nan, inf, shape, timeout", "reliability", _fault_kinds),
     # --- simulation ----------------------------------------------------------------------
     Key("client-num-cpus", 1.0, "CPU cores per simulated client (Ray resource; torch threads)",
         "simulation", _positive),
@@ -324,7 +351,27 @@ def make_config(
             f"config keys 'val-fraction' = {merged['val-fraction']} and 'test-fraction' = "
             f"{merged['test-fraction']}: together they must leave a training share (sum < 1)"
         )
+    if merged["unseen-clients"] > 0:
+        held_out = unseen_count(merged["num-clients"], merged["unseen-clients"])
+        if not 1 <= held_out < merged["num-clients"]:
+            raise ConfigError(
+                f"config key 'unseen-clients' = {merged['unseen-clients']}: holds out "
+                f"{held_out} of num-clients={merged['num-clients']}; it must hold out at least "
+                "one client and leave at least one to train"
+            )
+    if (merged["fault-rate"] > 0 and "timeout" in merged["fault-kinds"]
+            and merged["client-timeout"] > 300):
+        raise ConfigError(
+            f"config key 'fault-kinds' = {merged['fault-kinds']!r} injects hangs of "
+            f"client-timeout + 1 s, but 'client-timeout' = {merged['client-timeout']}: set "
+            "client-timeout to a few seconds (accepted: <= 300 with the timeout fault)"
+        )
     return RunConfig(merged)
+
+
+def unseen_count(num_clients: int, fraction: float) -> int:
+    """How many of ``num_clients`` clients the ``unseen-clients`` fraction holds out."""
+    return int(round(num_clients * fraction))
 
 
 def resolve(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:

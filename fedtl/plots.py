@@ -11,6 +11,7 @@ With several directories, ``compare-accuracy.png`` overlays their curves.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -63,7 +64,7 @@ def plot_accuracy(run: RunDirectory, out: Path) -> Path | None:
             x, y = zip(*pts)
             ax.plot(x, y, style, marker="o" if len(pts) < 30 else None, ms=3, label=label)
     all_rounds = run.rounds()
-    for prev, r in zip(all_rounds, all_rounds[1:]):  # where a multi-phase trainer moves on
+    for prev, r in itertools.pairwise(all_rounds):  # where a multi-phase trainer moves on
         if r.get("phase") != prev.get("phase"):
             ax.axvline(r["round"] - 0.5, color="grey", lw=0.8, ls=":")
             ax.annotate(r["phase"], (r["round"] - 0.5, 0.02), fontsize=7, color="grey",

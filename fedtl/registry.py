@@ -69,6 +69,12 @@ STRATEGIES = Registry("strategy", {
     "pfedme": Entry("fedtl.strategies.pfedme:PFEDME",
                     "pFedMe (Dinh et al. 2020): Moreau-envelope bi-level client solver, "
                     "beta-mixed server update; personalized = theta_i"),
+    "ditto": Entry("fedtl.strategies.ditto:DITTO",
+                   "Ditto (Li et al. 2021): FedAvg's global model plus a personal v_i trained "
+                   "with lambda/2 ||v - w||^2; personalized = v_i"),
+    "local": Entry("fedtl.strategies.local:LOCAL",
+                   "local-only: each client trains its own model alone, nothing is averaged; "
+                   "no global model"),
 })
 
 TRAINERS = Registry("trainer", {
@@ -110,6 +116,9 @@ PARTITIONERS = Registry("partitioner", {
     "iid": Entry("fedtl.data.partition:iid_partition", "uniformly at random, equal sizes"),
     "dirichlet": Entry("fedtl.data.partition:dirichlet_partition",
                        "label skew: per-class shares ~ Dir(alpha) (smaller alpha, more skew)"),
+    "inner-dirichlet": Entry("fedtl.data.partition:inner_dirichlet_partition",
+                             "equal sizes, each client's labels ~ Dir(alpha); never empty "
+                             "(thousands of clients)"),
     "pathological": Entry("fedtl.data.partition:pathological_partition",
                           "exactly labels-per-client labels on every client"),
     "shard": Entry("fedtl.data.partition:shard_partition",

@@ -8,6 +8,9 @@ Layout of ``<out-dir>/<run-name>/``:
 - ``clients.csv``: per-client numbers of the latest evaluated round;
 - ``summary.json``: final and validation-selected ("best") figures, wall time, status;
 - ``model.pt``: the final global weights (a torch state dict);
+- ``checkpoint.pt``: after every round, what ``fedtl run --resume`` needs to continue;
+- ``timings.jsonl``: wall time of every round (kept apart so rounds.jsonl is reproducible);
+- ``client-state/``: simulated clients' persistent state (pFedMe's theta_i), per round;
 - ``plots/``: PNG figures (``fedtl plot DIR`` redraws them).
 
 Whole files are written to a temporary name and renamed into place; rounds are appended one
@@ -28,6 +31,9 @@ from typing import Any
 import tomli_w
 
 from fedtl.config import RunConfig
+
+
+CHECKPOINT_FORMAT = 1
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -103,6 +109,58 @@ class RunDirectory:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def append_timing(self, record: Mapping[str, Any]) -> None:
+        """Per-round wall times (kept out of rounds.jsonl, which is identical across reruns)."""
+        with open(self.path / "timings.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def rewrite_rounds(self, rounds: list[Mapping[str, Any]]) -> None:
+        """Replace rounds.jsonl with ``rounds`` (resuming from a checkpoint)."""
+        text = "".join(json.dumps(r) + "\n" for r in rounds)
+        atomic_write(self.path / "rounds.jsonl", text.encode())
+
+    def save_checkpoint(self, server_round: int, arrays: Mapping[str, Any],
+                        rounds: list[Mapping[str, Any]], config: Mapping[str, Any],
+                        wall_seconds: float) -> None:
+        """Everything needed to resume after ``server_round``: the global weights, every round's
+        record and the config. Client state is versioned by round on the clients' side and
+        every random draw derives from (seed, round, client), so no RNG state is needed."""
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, "round": server_round, "arrays": dict(arrays),
+                    "rounds": list(rounds), "config": dict(config),
+                    "wall_seconds": wall_seconds}, buf)
+        atomic_write(self.path / "checkpoint.pt", buf.getvalue())
+
+    def load_checkpoint(self, config: Mapping[str, Any]) -> dict:
+        """The last checkpoint, checked against ``config``; ConfigError when unusable."""
+        import torch
+
+        from fedtl.config import ConfigError
+
+        path = self.path / "checkpoint.pt"
+        if not path.exists():
+            raise ConfigError(f"cannot resume {self.path}: it has no checkpoint.pt "
+                              "(no round finished yet, or not a fedtl run directory)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"format {ckpt.get('format')!r}")
+            rounds = ckpt["rounds"]
+            if not rounds or rounds[-1]["round"] != ckpt["round"]:
+                raise ValueError("its round records do not end at its round")
+        except Exception as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise ConfigError(f"cannot resume {self.path}: checkpoint.pt is corrupt or not "
+                              f"fedtl's ({type(exc).__name__}: {detail})") from None
+        changed = sorted(k for k in set(config) | set(ckpt["config"])
+                         if config.get(k) != ckpt["config"].get(k))
+        if changed:
+            raise ConfigError(f"cannot resume {self.path}: config.toml differs from the "
+                              f"checkpoint's config in {', '.join(changed)}")
+        return ckpt
 
     def write_clients(self, rows: list[Mapping[str, Any]]) -> None:
         atomic_write(self.path / "clients.csv", _csv_bytes(rows))

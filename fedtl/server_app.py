@@ -6,18 +6,23 @@ evaluate every ``eval-every`` rounds, record per-client results and failures, sh
 and write each finished round to disk before the next begins.
 
 A run starts with a ``query.describe`` message to every client: clients report their partition
-id, split sizes and label counts. The strategy samples by partition id (reproducible from the
-seed), and the partition statistics in the run directory are what the clients really hold.
+id (or get one assigned when they hold their own data), split sizes and label counts. The
+strategy samples by partition id (reproducible from the seed), and the partition statistics in
+the run directory are what the clients really hold. A client that fails or does not reply
+within ``client-timeout`` is recorded as a failure and the round goes on without it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -28,11 +33,12 @@ from fedtl.data import dataset_spec
 from fedtl.evaluation import pooled, score, spread
 from fedtl.registry import STRATEGIES, TRAINERS
 from fedtl.results import RunDirectory
+from fedtl.strategies import held_out_partitions
 
 log = logging.getLogger("fedtl")
 
 CONNECT_TIMEOUT = 600.0  # seconds to wait for the SuperNodes of a deployment to connect
-REPLY_TIMEOUT = 24 * 3600.0
+DESCRIBE_TIMEOUT = 60.0  # least seconds to wait for the describe replies
 
 
 class RunFailed(RuntimeError):
@@ -79,8 +85,11 @@ class ClientInfo:
 
 
 def error_reason(message: Message) -> str:
-    """The readable part of a client's error reply (Flower wraps the exception text)."""
+    """The readable part of a client's error reply. Flower wraps the exception text:
+    ``<class 'ValueError'>:<'text'>`` from a SuperNode, ``... Message: text`` in simulation."""
     reason = message.error.reason
+    if wrapped := re.fullmatch(r"<class '[^']*'>:<'(.*)'>", reason.strip(), re.DOTALL):
+        return wrapped.group(1).strip()
     marker = "Message: "
     if marker in reason:
         reason = reason.split(marker, 1)[1]
@@ -91,27 +100,70 @@ def _bytes(arrays: ArrayRecord) -> int:
     return int(arrays.count_bytes())
 
 
-def _failures(replies: Iterable[Message], clients: dict[int, ClientInfo], stage: str) -> list[dict]:
-    out = []
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
+             clients: dict[int, ClientInfo], stage: str) -> tuple[list[Message], list[dict]]:
+    """Send ``messages``, wait at most ``timeout`` seconds, and sort out what came back.
+
+    Returns the good replies and one failure record per client that replied with an error
+    (its own exception, or the SuperLink's "node unavailable" for a SuperNode that stopped
+    sending heartbeats) or did not reply in time.
+    """
+    sent = list(messages)
+    replies = list(grid.send_and_receive(sent, timeout=timeout))
+    # Both grids give each pushed message its id; an error the SuperLink makes on a node's
+    # behalf comes from node 0, so replies are matched to the requests they answer.
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    answered: set[int] = set()
+    ok, failures = [], []
+
+    def failure(node_id: int, reason: str) -> dict:
+        info = clients.get(node_id)
+        if info is None:  # not yet known by partition (describe): the node id is all there is
+            return {"partition_id": None, "node_id": node_id, "stage": stage, "reason": reason}
+        # by partition id only: simulated node ids change between runs, rounds.jsonl must not
+        return {"partition_id": info.partition_id, "stage": stage, "reason": reason}
+
     for m in replies:
+        node_id = destination.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+        answered.add(node_id)
         if m.has_error():
-            info = clients.get(m.metadata.src_node_id)
-            out.append({
-                "partition_id": info.partition_id if info else None,
-                "node_id": m.metadata.src_node_id, "stage": stage, "reason": error_reason(m),
-            })
-    return out
+            failures.append(failure(node_id, error_reason(m)))
+        else:
+            ok.append(m)
+    for m in sent:
+        if m.metadata.dst_node_id not in answered:
+            failures.append(failure(m.metadata.dst_node_id,
+                                    f"no reply within client-timeout = {timeout:g} s"))
+    return ok, failures
 
 
-def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> list[Message]:
+def _describe(grid: Grid, cfg: RunConfig, node_ids: list[int]) -> tuple[list[Message], list[dict]]:
     config = ConfigRecord(dict(cfg))
     messages = [Message(RecordDict({"config": config}), dst_node_id=n,
                         message_type="query.describe") for n in node_ids]
-    return list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+    # The first message to a simulation actor also imports torch and loads the data, which
+    # can take tens of seconds on a busy machine: give it at least DESCRIBE_TIMEOUT.
+    return exchange(grid, messages, max(cfg.client_timeout, DESCRIBE_TIMEOUT), {}, "describe")
+
+
+def assign_partition_ids(reported: dict[int, int]) -> dict[int, int]:
+    """Partition ids by node id: a node's own (its node config's ``partition-id``), else the
+    smallest free ids, given in node-id order (node ids are fixed when keys are registered).
+    """
+    taken = [p for p in reported.values() if p >= 0]
+    if len(set(taken)) != len(taken):
+        raise RunFailed("two SuperNodes report the same partition-id; give each its own")
+    free = (i for i in range(len(reported) + len(taken)) if i not in taken)
+    return {n: (p if p >= 0 else next(free)) for n, p in sorted(reported.items())}
 
 
 def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo], list[dict]]:
     """Ask every connected node for its partition and split sizes; wait for all of them.
+
+    Nodes that reply with an error (e.g. unreadable local data) or not within
+    ``client-timeout`` are left out of the run and returned as failures; the run stops only
+    when no node can take part. Nodes holding their own data (``data-path``) without a
+    ``partition-id`` get one here (``assign_partition_ids``).
 
     If fewer than ``num-clients`` nodes are connected after a few seconds, the connected ones
     are asked once: when all of them refuse the run (e.g. the federation has a different
@@ -124,9 +176,9 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
         now = time.monotonic()
         if not probed and node_ids and now - started > 3:
             probed = True
-            replies = _describe(grid, cfg, node_ids)
-            if replies and all(m.has_error() for m in replies):
-                raise RunFailed(f"clients refused the run: {error_reason(replies[0])}")
+            replies, refusals = _describe(grid, cfg, node_ids)
+            if refusals and not replies:
+                raise RunFailed(f"clients refused the run: {refusals[0]['reason']}")
         if now - started > CONNECT_TIMEOUT:
             raise RunFailed(
                 f"only {len(node_ids)} of num-clients={cfg.num_clients} SuperNodes connected "
@@ -136,23 +188,23 @@ def describe_clients(grid: Grid, cfg: RunConfig) -> tuple[dict[int, ClientInfo],
             log.info("waiting for SuperNodes: %d of %d connected", len(node_ids), cfg.num_clients)
             next_note = now + 30
         time.sleep(0.5)
-    clients: dict[int, ClientInfo] = {}
-    failures = []
-    for m in _describe(grid, cfg, node_ids):
-        if m.has_error():
-            failures.append({"node_id": m.metadata.src_node_id, "stage": "describe",
-                             "reason": error_reason(m), "partition_id": None})
-            continue
-        stats = dict(m.content["stats"])
-        pid = int(stats["partition-id"])
-        stats["label-counts"] = [int(c) for c in stats["label-counts"]]
-        clients[m.metadata.src_node_id] = ClientInfo(m.metadata.src_node_id, pid, stats)
-    if not clients:
+    replies, failures = _describe(grid, cfg, node_ids)
+    if not replies:
         reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
         raise RunFailed(f"no client could describe its data: {reasons}")
-    seen = [c.partition_id for c in clients.values()]
-    if len(set(seen)) != len(seen):
-        raise RunFailed("two SuperNodes report the same partition-id; give each its own")
+    stats_by_node = {}
+    for m in replies:
+        stats = dict(m.content["stats"])
+        stats["label-counts"] = [int(c) for c in stats["label-counts"]]
+        stats_by_node[m.metadata.src_node_id] = stats
+    ids = assign_partition_ids({n: int(s["partition-id"]) for n, s in stats_by_node.items()})
+    clients: dict[int, ClientInfo] = {}
+    for node_id, stats in stats_by_node.items():
+        stats["partition-id"] = ids[node_id]
+        clients[node_id] = ClientInfo(node_id, ids[node_id], stats)
+    if failures:
+        log.warning("%d of %d clients cannot take part: %s", len(failures), len(node_ids),
+                    "; ".join(sorted({f["reason"] for f in failures})))
     return clients, failures
 
 
@@ -221,12 +273,35 @@ def summarize_round(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+UNSEEN_KEYS = (
+    "global_accuracy", "personalized_accuracy", "personalized_accuracy_mean",
+    "personalized_accuracy_std", "personalized_accuracy_bottom10", "personalization_hurts_share",
+)
+
 FINAL_KEYS = (
     "global_accuracy", "global_accuracy_mean", "global_accuracy_std", "global_accuracy_bottom10",
     "personalized_accuracy", "personalized_accuracy_mean", "personalized_accuracy_std",
     "personalized_accuracy_bottom10", "centralized_accuracy", "global_val_accuracy",
     "personalized_val_accuracy", "personalization_hurts_share",
+    *(f"unseen_{k}" for k in UNSEEN_KEYS),
 )
+
+
+def summarize_clients(rows: list[dict], held_out: frozenset[int]) -> dict[str, Any]:
+    """``summarize_round`` over the participating clients; the held-out (unseen) clients'
+    figures beside them as ``unseen_*`` (null when none are held out)."""
+    out = summarize_round([r for r in rows if r["partition_id"] not in held_out])
+    unseen = [r for r in rows if r["partition_id"] in held_out]
+    figures = summarize_round(unseen) if unseen else {}
+    out["unseen_clients_evaluated"] = len(unseen)
+    out.update({f"unseen_{k}": figures.get(k) for k in UNSEEN_KEYS})
+    return out
+
+
+def without_global(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every figure of the global model set to null (no global model)."""
+    return {k: None if ("global" in k or k.startswith("centralized") or "hurts" in k) else v
+            for k, v in values.items()}
 
 
 def summary_keys(record: dict) -> list[str]:
@@ -262,7 +337,7 @@ def select_best(rounds: list[dict]) -> dict[str, Any]:
     best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
                             "personalized_round": p["round"]}
     for key in summary_keys(evaluated[-1]):
-        source = p if "personaliz" in key else g
+        source = p if "personaliz" in key else g  # also source_test_personalized_accuracy
         best[key] = source.get(key)
     return best
 
@@ -287,6 +362,7 @@ def build_summary(cfg: RunConfig, rounds: list[dict], status: str, wall: float,
         "wall_seconds": wall,
         "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
         "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
+        "failures": [{"round": r["round"], **f} for r in rounds for f in r.get("failures", [])],
     }
 
 
@@ -295,6 +371,36 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def check_train_reply(message: Message, reference: ArrayRecord, values: bool = True) -> str | None:
+    """Why a training reply must be left out of aggregation, or None if it is usable.
+
+    Usable: exactly the global model's keys and shapes, a non-negative ``num-examples`` (0: the
+    client had nothing to learn from in this phase) and, when ``values`` is set, finite values
+    (that check deserialises every array).
+    """
+    content = message.content
+    if "arrays" not in content or "metrics" not in content:
+        return "reply lacks 'arrays' or 'metrics'"
+    arrays = content["arrays"]
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference.keys()))
+        return f"weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, ref in reference.items():
+        got = arrays[key]
+        if list(got.shape) != list(ref.shape):
+            return f"weights '{key}' have shape {list(got.shape)}, expected {list(ref.shape)}"
+    n = content["metrics"].get("num-examples")
+    if not isinstance(n, int | float) or not n >= 0 or not math.isfinite(n):
+        return f"num-examples = {n!r} is not a non-negative number"
+    if values:
+        for key in reference.keys():
+            a = arrays[key].numpy()
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                return f"non-finite weights (NaN/Inf) in '{key}'"
+    return None
 
 
 def phase_schedule(cfg: RunConfig, phases: list[Phase]) -> list[tuple[Phase, dict]]:
@@ -313,96 +419,208 @@ def phase_schedule(cfg: RunConfig, phases: list[Phase]) -> list[tuple[Phase, dic
     return schedule
 
 
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(np.isfinite(a).all() for a in (v.numpy() for v in arrays.values())
+               if a.dtype.kind == "f")
+
+
+class Federation:
+    """One run: the connected clients, the strategy, and the round loop.
+
+    The trainer's phases (one, ``train``, unless it declares more, e.g. ADDA's ``source`` and
+    ``adapt``) split the rounds: each phase's messages carry its config and its name
+    (``phase``), its ``begin`` maps the global model before its first round, and its last
+    round is always evaluated.
+    """
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: RunDirectory, progress: Progress):
+        self.grid, self.cfg, self.run_dir, self.progress = grid, cfg, run_dir, progress
+        if hasattr(grid, "pull_interval"):  # Flower's in-memory grid sleeps 0.1 s between pulls
+            grid.pull_interval = min(grid.pull_interval, 0.002)
+        self.spec = dataset_spec(cfg)
+        self.clients, self.describe_failures = describe_clients(grid, cfg)
+        self.strategy = STRATEGIES.get(cfg.strategy).make_strategy(
+            cfg, {n: c.partition_id for n, c in self.clients.items()})
+        trainer = TRAINERS.get(cfg.trainer)(cfg)
+        self.schedule = phase_schedule(cfg, trainer.phases())
+        self.model = trainer.build_model(self.spec, seed=cfg.seed)
+        self.algorithm = STRATEGIES.get(cfg.strategy)
+        self.held_out = held_out_partitions(cfg)
+        self.central = self.spec.load(cfg).test if self.spec.has_central_test else None
+
+    def _config(self, rnd: int) -> ConfigRecord:
+        config = ConfigRecord(self.schedule[rnd - 1][1])  # the run config, as its phase sets it
+        config["state-dir"] = str((self.run_dir.path / "client-state").resolve())
+        return config
+
+    def _fail_if_too_few(self, rnd: int, ok: int, failures: list[dict]) -> None:
+        if ok < self.cfg.min_clients:
+            reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
+            raise RunFailed(f"round {rnd}: {ok} valid training replies, fewer than "
+                            f"min-clients={self.cfg.min_clients} ({reasons})")
+
+    def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+        """Train the sampled clients and aggregate the usable replies."""
+        messages = list(self.strategy.configure_train(rnd, arrays, self._config(rnd), self.grid))
+        replies, failures = exchange(self.grid, messages, self.cfg.client_timeout,
+                                     self.clients, "train")
+        def screen(candidates: list[Message], values: bool) -> list[Message]:
+            kept = []
+            for m in candidates:
+                problem = check_train_reply(m, arrays, values)
+                if problem is None:
+                    kept.append(m)
+                else:
+                    info = self.clients.get(m.metadata.src_node_id)
+                    failures.append({"partition_id": info.partition_id if info else None,
+                                     "stage": "train", "reason": problem})
+            return kept
+
+        # Structure first (no deserialisation); a weighted mean with positive weights is
+        # finite only if every input is, so values are inspected only when the mean is not.
+        usable = screen(replies, values=False)
+        self._fail_if_too_few(rnd, len(usable), failures)
+        # A client with nothing to learn from in this phase (e.g. a target-only client while
+        # ADDA trains on the source) replies with num-examples = 0: valid, but weightless.
+        idle = sum(m.content["metrics"]["num-examples"] == 0 for m in usable)
+        usable = [m for m in usable if m.content["metrics"]["num-examples"] > 0]
+
+        def aggregate(replies: list[Message]) -> tuple[ArrayRecord | None, Any]:
+            return self.strategy.aggregate_train(rnd, replies) if replies else (arrays, None)
+
+        new_arrays, metrics = aggregate(usable)
+        if new_arrays is not None and not _finite(new_arrays):
+            usable = screen(usable, values=True)
+            self._fail_if_too_few(rnd, idle + len(usable), failures)
+            new_arrays, metrics = aggregate(usable)
+        if new_arrays is None:
+            raise RunFailed(f"round {rnd}: aggregation produced no model")
+        record = {
+            "clients_trained": len(usable),
+            **({"clients_idle": idle} if idle else {}),
+            "train_loss": _clean(metrics.get("train-loss")) if metrics else None,
+            "failures": failures,
+            "bytes_sent": _bytes(arrays) * len(messages),
+            "bytes_received": sum(_bytes(m.content["arrays"]) for m in replies
+                                  if "arrays" in m.content),
+        }
+        return new_arrays, record
+
+    def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict:
+        """Score the global and personalized models on every client, and centrally."""
+        messages = list(self.strategy.configure_evaluate(rnd, arrays, self._config(rnd), self.grid))
+        replies, failures = exchange(self.grid, messages, self.cfg.client_timeout,
+                                     self.clients, "evaluate")
+        if messages and not replies:
+            reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
+            raise RunFailed(f"round {rnd}: no client could evaluate ({reasons})")
+        self.strategy.aggregate_evaluate(rnd, replies)
+        rows = client_rows(replies, self.clients)
+        if self.held_out:
+            rows = [{**r, "unseen": int(r["partition_id"] in self.held_out)} for r in rows]
+        record = summarize_clients(rows, self.held_out)
+        record["centralized_accuracy"] = None
+        if self.central is not None:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            s = score(self.model, self.central.inputs(), self.central.labels())
+            record["centralized_accuracy"] = s.accuracy
+            record["centralized_loss"] = s.loss_sum / s.total
+        if not self.algorithm.has_global_model:
+            record = without_global(record)
+            rows = [without_global(r) for r in rows]
+        record["failures"] = failures
+        record["bytes_sent"] = _bytes(arrays) * len(messages)
+        self.run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
+        return record
+
+    def run(self, arrays: ArrayRecord, rounds: list[dict], started: float,
+            wall_offset: float = 0.0) -> ArrayRecord:
+        """Rounds after the last one in ``rounds``; each is checkpointed as it ends.
+
+        ``wall_offset`` is the wall time of earlier attempts of a resumed run (seconds).
+        """
+        cfg = self.cfg
+        first = rounds[-1]["round"] + 1 if rounds else 1
+        self.progress.start(cfg.num_rounds)
+        for rnd in range(first, cfg.num_rounds + 1):
+            t0 = time.perf_counter()
+            phase = self.schedule[rnd - 1][0]
+            if phase.begin is not None and (rnd == 1 or self.schedule[rnd - 2][0] is not phase):
+                arrays = ArrayRecord(phase.begin(arrays.to_torch_state_dict()))
+            arrays, train = self.train_round(rnd, arrays)
+            record: dict[str, Any] = {"round": rnd, "phase": phase.name,
+                                      "clients_trained": train["clients_trained"],
+                                      "train_loss": train["train_loss"]}
+            if "clients_idle" in train:
+                record["clients_idle"] = train["clients_idle"]
+            failures = (list(self.describe_failures) if rnd == first else []) + train["failures"]
+            sent, received = train["bytes_sent"], train["bytes_received"]
+            last_of_phase = rnd == cfg.num_rounds or self.schedule[rnd][0] is not phase
+            record["evaluated"] = rnd % cfg.eval_every == 0 or last_of_phase
+            if record["evaluated"]:
+                evaluation = self.evaluate_round(rnd, arrays)
+                failures += evaluation.pop("failures")
+                sent += evaluation.pop("bytes_sent")
+                record.update(evaluation)
+            record["failures"] = failures
+            record["bytes_sent"] = sent
+            record["bytes_received"] = received
+            record = {k: _clean(v) for k, v in record.items()}
+            rounds.append(record)
+            wall = wall_offset + time.perf_counter() - started
+            # checkpoint first: it holds every round's record, so rounds.jsonl can be rebuilt
+            self.run_dir.save_checkpoint(rnd, arrays.to_torch_state_dict(), rounds, dict(cfg),
+                                         wall)
+            self.run_dir.append_round(record)
+            self.run_dir.append_timing({"round": rnd, "round_seconds": time.perf_counter() - t0,
+                                        "wall_seconds": wall, "time": time.time()})
+            self.progress.update(record)
+        return arrays
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory,
-                   progress: Progress | None = None) -> dict[str, Any]:
+                   progress: Progress | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``num-rounds`` rounds of ``cfg``'s algorithm on the nodes of ``grid``.
 
-    The trainer's phases (one, ``train``, unless it declares more) split the rounds; each
-    phase's messages carry its config, its ``begin`` maps the global model as it starts, and
-    its last round is always evaluated.
-
-    Writes the run directory as it goes and returns the summary. Raises RunFailed when the
-    federation cannot continue; the summary then says so and finished rounds stay on disk.
+    Writes the run directory as it goes (a checkpoint after every round) and returns the
+    summary. With ``resume``, continues from the directory's last checkpoint. Raises RunFailed
+    when the federation cannot continue; the summary then says so and finished rounds stay.
     """
     started = time.perf_counter()
     progress = progress or LogProgress()
     rounds: list[dict] = []
-    spec = dataset_spec(cfg)
+    previous_wall = 0.0
     try:
-        clients, describe_failures = describe_clients(grid, cfg)
-        run_dir.write_partition(sorted((c.stats for c in clients.values()),
-                                       key=lambda s: s["partition-id"]))
-        central = spec.load(cfg).test if spec.has_central_test else None
-        strategy = STRATEGIES.get(cfg.strategy).make_strategy(
-            cfg, {n: c.partition_id for n, c in clients.items()})
-        trainer = TRAINERS.get(cfg.trainer)(cfg)
-        schedule = phase_schedule(cfg, trainer.phases())
-        model = trainer.build_model(spec, seed=cfg.seed)
-        arrays = ArrayRecord(model.state_dict())
-        progress.start(cfg.num_rounds)
+        if resume:
+            checkpoint = run_dir.load_checkpoint(dict(cfg))
+            rounds = checkpoint["rounds"]
+            run_dir.rewrite_rounds(rounds)
+            previous_wall = float(checkpoint.get("wall_seconds", 0.0))
+        federation = Federation(grid, cfg, run_dir, progress)
+        if not resume:
+            run_dir.write_partition(sorted((c.stats for c in federation.clients.values()),
+                                           key=lambda s: s["partition-id"]))
+        if resume:
+            arrays = ArrayRecord(checkpoint["arrays"])
+        else:
+            arrays = ArrayRecord(federation.model.state_dict())
         startup = time.perf_counter() - started
-        for rnd in range(1, cfg.num_rounds + 1):
-            t0 = time.perf_counter()
-            phase, config = schedule[rnd - 1]
-            record: dict[str, Any] = {"round": rnd, "phase": phase.name}
-            failures = list(describe_failures) if rnd == 1 else []
-            first_of_phase = rnd == 1 or schedule[rnd - 2][0] is not phase
-            if first_of_phase and phase.begin is not None:
-                arrays = ArrayRecord(phase.begin(arrays.to_torch_state_dict()))
-
-            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(config), grid))
-            sent = _bytes(arrays) * len(messages)
-            replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-            failures += _failures(replies, clients, "train")
-            ok = [m for m in replies if not m.has_error()]
-            received = sum(_bytes(m.content["arrays"]) for m in ok)
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
-                reasons = "; ".join(sorted({f["reason"] for f in failures})) or "no replies"
-                raise RunFailed(f"round {rnd}: no client returned weights ({reasons})")
-            arrays = new_arrays
-            record["clients_trained"] = len(ok)
-            record["train_loss"] = _clean(train_metrics.get("train-loss")) if train_metrics else None
-
-            last_of_phase = rnd == cfg.num_rounds or schedule[rnd][0] is not phase
-            evaluated = rnd % cfg.eval_every == 0 or last_of_phase
-            record["evaluated"] = evaluated
-            if evaluated:
-                messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(config),
-                                                            grid))
-                sent += _bytes(arrays) * len(messages)
-                replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-                failures += _failures(replies, clients, "evaluate")
-                strategy.aggregate_evaluate(rnd, [m for m in replies if not m.has_error()])
-                rows = client_rows(replies, clients)
-                record.update(summarize_round(rows))
-                record["centralized_accuracy"] = None
-                if central is not None:
-                    model.load_state_dict(arrays.to_torch_state_dict())
-                    s = score(model, central.inputs(), central.labels())
-                    record["centralized_accuracy"] = s.accuracy
-                    record["centralized_loss"] = s.loss_sum / s.total
-                run_dir.write_clients([{k: _clean(v) for k, v in r.items()} for r in rows])
-
-            record["failures"] = failures
-            record["bytes_sent"] = sent
-            record["bytes_received"] = received
-            record["round_seconds"] = time.perf_counter() - t0
-            record["wall_seconds"] = time.perf_counter() - started
-            record = {k: _clean(v) for k, v in record.items()}
-            rounds.append(record)
-            run_dir.append_round(record)
-            progress.update(record)
+        arrays = federation.run(arrays, rounds, started, previous_wall)
         run_dir.save_model(arrays.to_torch_state_dict())
-        summary = build_summary(cfg, rounds, "completed", time.perf_counter() - started)
+        summary = build_summary(cfg, rounds, "completed",
+                                previous_wall + time.perf_counter() - started)
         summary["startup_seconds"] = startup
         run_dir.write_summary(summary)
         return summary
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        summary = build_summary(cfg, rounds, status, time.perf_counter() - started,
+        summary = build_summary(cfg, rounds, status,
+                                previous_wall + time.perf_counter() - started,
                                 error=f"{type(exc).__name__}: {exc}")
-        run_dir.write_summary(summary)
+        try:
+            run_dir.write_summary(summary)
+        except OSError:
+            pass  # e.g. a full disk: the checkpoint and rounds.jsonl already hold the rounds
         raise
     finally:
         progress.close()

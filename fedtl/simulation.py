@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fedtl.config import ConfigError, RunConfig
@@ -107,6 +107,48 @@ def quiet_environment() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
 
 
+def _pending_message_pump(state, queue, nodes_mapping, f_stop) -> None:
+    """Flower 1.42's ``vce_api.add_messages_to_queue`` without its cost per node.
+
+    Flower's loop asks the link state for each registered node's next message, every 0.1 s;
+    each ask scans all stored messages, so a scan costs nodes x messages and a message waits
+    up to 0.1 s to be picked up. This version takes one pass over the stored messages to find
+    the nodes that have one pending and asks only those (the same ``get_message_ins`` call,
+    one message per node per pass), polling every 2 ms while messages are waiting. Delivery
+    semantics are unchanged; the cost no longer grows with the number of clients.
+    """
+    nodes = set(nodes_mapping)
+    store = state.message_ins_store
+    lock = getattr(state, "lock", contextlib.nullcontext())
+    while not f_stop.is_set():
+        with lock:
+            pending = {m.metadata.dst_node_id for m in store.values()
+                       if m.metadata.delivered_at == "" and m.metadata.dst_node_id in nodes}
+        for node_id in pending:
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+        f_stop.wait(0.002 if pending else 0.01)
+
+
+@contextlib.contextmanager
+def fast_message_pump() -> Iterator[None]:
+    """Use ``_pending_message_pump`` in Flower's Simulation Engine for the duration (Flower
+    1.42.x only, whose in-memory link state it reads; other versions keep their own loop)."""
+    import flwr
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    original = vce_api.add_messages_to_queue
+    usable = (flwr.__version__.startswith("1.42.")
+              and hasattr(in_memory_linkstate.InMemoryLinkState, "get_message_ins"))
+    if usable:
+        vce_api.add_messages_to_queue = _pending_message_pump
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
+
+
 @contextlib.contextmanager
 def _quiet(verbose: bool) -> Iterator[None]:
     if verbose:
@@ -126,43 +168,60 @@ def _quiet(verbose: bool) -> Iterator[None]:
 
 
 def simulate(cfg: RunConfig, run_dir: RunDirectory, *, progress: Progress | None = None,
-             verbose: bool = False) -> dict:
+             verbose: bool = False, resume: bool = False) -> dict:
     """Run ``cfg`` on Flower's Simulation Engine; returns the run summary.
 
-    Call ``preflight(cfg)`` first for clear errors before Ray starts.
+    With ``resume``, continue ``run_dir`` from its last checkpoint. Call ``preflight(cfg)``
+    first for clear errors before Ray starts.
     """
+    outcome: dict[str, Any] = {}
+
+    def main(grid) -> None:
+        outcome["summary"] = run_federation(grid, cfg, run_dir, progress, resume=resume)
+
+    run_on_simulation(main, cfg.num_clients, cfg.client_num_cpus, cfg.client_num_gpus,
+                      verbose=verbose)
+    if "summary" not in outcome:
+        raise RuntimeError("the simulation ended without a result; rerun with --verbose")
+    return outcome["summary"]
+
+
+def run_on_simulation(main: Callable[[Any], None], num_supernodes: int, num_cpus: float,
+                      num_gpus: float, *, verbose: bool = False) -> None:
+    """Start ``num_supernodes`` virtual SuperNodes running fedtl's ClientApp on Ray and call
+    ``main(grid)`` as the ServerApp; several federations may run one after another in one
+    ``main`` (``fedtl bench`` does), sharing Ray's start-up. An exception ``main`` raises is
+    re-raised here as itself."""
     quiet_environment()
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
     from fedtl.clients.client_app import app as client_app
 
-    outcome: dict[str, Any] = {}
+    finished: dict[str, bool] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context) -> None:
-        outcome["summary"] = run_federation(grid, cfg, run_dir, progress)
+        main(grid)
+        finished["ok"] = True
 
     backend_config = {
-        "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
+        "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": verbose,
             "include_dashboard": False,
         },
     }
-    with _quiet(verbose):
+    with _quiet(verbose), fast_message_pump():
         try:
             run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=cfg.num_clients, backend_config=backend_config,
+                           num_supernodes=num_supernodes, backend_config=backend_config,
                            verbose_logging=verbose)
         except RuntimeError as exc:
             # Flower wraps a ServerApp exception; surface the original one.
             cause = exc.__cause__
-            if cause is not None and "summary" not in outcome:
+            if cause is not None and "ok" not in finished:
                 raise cause from None
             raise
-    if "summary" not in outcome:
-        raise RuntimeError("the simulation ended without a result; rerun with --verbose")
-    return outcome["summary"]

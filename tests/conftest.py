@@ -19,3 +19,9 @@ def flwr_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("FLWR_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Partitions computed by tests go to a temporary cache, not the user's ~/.cache."""
+    os.environ["FEDTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtl-cache"))

@@ -3,6 +3,7 @@ federated scenarios, ADDA's stages and the server's phases (unit tests, offline 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_lambda_schedule_values():
     assert grl_lambda(0.1) == pytest.approx(0.46211716, abs=1e-8)
     assert grl_lambda(1.0) == pytest.approx(0.99990920, abs=1e-8)
     values = [grl_lambda(p) for p in np.linspace(0, 1, 11)]
-    assert all(a < b for a, b in zip(values, values[1:]))
+    assert all(a < b for a, b in itertools.pairwise(values))
 
 
 def test_learning_rate_annealing_values():
@@ -305,10 +306,10 @@ def test_adda_phases_and_target_encoder_initialisation():
     first = next(k for k in state if k.startswith("encoder."))
     state[first] += 1.0  # the trained source encoder differs from its initialisation
     begun = phases[1].begin(state)
-    for key in state:
+    for key, value in state.items():
         if key.startswith("encoder."):
-            assert torch.equal(begun["source_" + key], state[key])
-            assert torch.equal(begun[key], state[key])
+            assert torch.equal(begun["source_" + key], value)
+            assert torch.equal(begun[key], value)
     assert init_target_encoder is phases[1].begin
 
 
@@ -348,7 +349,7 @@ def test_oracle_learns_target_labels_and_validates_on_the_target():
     cfg = make_config({**DA, "trainer": "target-oracle"})
     data = federated_data(cfg).client(0)
     trainer = TargetOracleTrainer(cfg)
-    x, y = next(trainer.batches(data, torch.Generator().manual_seed(0)))
+    x, _ = next(trainer.batches(data, torch.Generator().manual_seed(0)))
     assert x.shape[1:] == data.target_train.x.shape[1:]
     assert trainer.num_examples(data) == len(data.target_train)
     model = trainer.build_model(dataset_spec(cfg), seed=0)

@@ -105,3 +105,19 @@ def test_client_tensors_match_split_sizes():
     data = fed.client(2)
     assert len(data.train) == len(fed.splits[2].train)
     assert data.train.x.dtype.is_floating_point and data.train.x.shape[1:] == (1, 8, 8)
+
+
+def test_partitions_are_cached_on_disk_and_a_bad_cache_file_is_recomputed(tmp_path, monkeypatch):
+    from fedtl import data as fdata
+
+    monkeypatch.setenv("FEDTL_CACHE_DIR", str(tmp_path))
+    key = fdata._data_key(make_config({"seed": 11, "num-clients": 7}))
+    first = fdata._build.__wrapped__(key)
+    files = list((tmp_path / "partitions").glob("digits-*.npz"))
+    assert len(files) == 1
+    again = fdata._build.__wrapped__(key)
+    assert all(np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test)
+               for a, b in zip(first.splits, again.splits))
+    files[0].write_bytes(b"not a zip file")
+    third = fdata._build.__wrapped__(key)
+    assert all(np.array_equal(a.val, b.val) for a, b in zip(first.splits, third.splits))

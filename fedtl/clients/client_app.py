@@ -1,9 +1,11 @@
 """fedtl's Flower ClientApp: the same code in simulation (Ray) and on real SuperNodes.
 
 Every message carries the run configuration in its ConfigRecord, so a client needs nothing
-but its node config (``partition-id`` / ``num-partitions``). Datasets, partitions and models
-are built once per process and reused across the clients and rounds an actor serves; a
-client's persistent state (pFedMe's theta_i) lives in Flower's ``Context.state``.
+but its node config: ``data-path`` (its own data, on real machines; see fedtl.data.local)
+or ``partition-id`` / ``num-partitions`` (a simulated partition, also for demos). Datasets,
+partitions and models are built once per process and reused across the clients and rounds an
+actor serves; a client's persistent state (pFedMe's theta_i) is kept on its own disk,
+versioned by round (``fedtl.clients.state``; node config ``state-dir`` on real machines).
 
 Messages handled:
 - ``query.describe``: the client's split sizes and label counts (never its samples);
@@ -14,22 +16,26 @@ Messages handled:
 
 from __future__ import annotations
 
+import functools
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtl.clients.state import ClientStateStore
 from fedtl.clients.trainers.base import Trainer
 from fedtl.clients.update_rule import ClientState, UpdateRule
 from fedtl.config import RunConfig, make_config
 from fedtl.data import ClientData, dataset_spec, federated_data
-from fedtl.registry import STRATEGIES, TRAINERS
+from fedtl.data.local import client_stats, local_client_data
+from fedtl.registry import DATASETS, STRATEGIES, TRAINERS
 
 # Keys the server adds to the run config in a message (not config keys themselves).
-MESSAGE_KEYS = ("server-round", "phase")
-LOCAL_PARTS = "local-parts"  # Context.state entry: the state-dict parts a client keeps
+MESSAGE_KEYS = ("server-round", "state-dir", "phase")
+LOCAL_PARTS = "local-parts"  # client-state entry: the state-dict parts a client keeps
 
 app = ClientApp()
 
@@ -38,9 +44,15 @@ _threads_set = False
 
 
 def run_config(message: Message) -> RunConfig:
-    """The run configuration a message carries."""
-    return make_config(dict(message.content["config"]), where="message from the server",
-                       ignore_unknown=MESSAGE_KEYS)
+    """The run configuration a message carries (validated once per process per config)."""
+    items = tuple(sorted((k, v) for k, v in message.content["config"].items()
+                         if k not in MESSAGE_KEYS))
+    return _parse_config(items)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config(items: tuple) -> RunConfig:
+    return make_config(dict(items), where="message from the server")
 
 
 def _setup_threads(cfg: RunConfig) -> None:
@@ -58,13 +70,20 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def _data_path(context: Context) -> str | None:
+    """The node's own data (node config ``data-path``), or None for a simulated partition."""
+    path = context.node_config.get("data-path")
+    return None if path in (None, "") else str(path)
+
+
 def _partition(context: Context, cfg: RunConfig) -> int:
     """This node's partition id, checked against the run's number of clients."""
     node = context.node_config
     if "partition-id" not in node:
         raise ValueError(
-            "this SuperNode has no 'partition-id' in its node config; start it with "
-            "--node-config \"partition-id=N num-partitions=M\""
+            "this SuperNode has neither 'data-path' nor 'partition-id' in its node config; "
+            "start it with --node-config 'data-path=\"/path/to/data\"' (its own data) or "
+            "--node-config \"partition-id=N num-partitions=M\" (a demo partition)"
         )
     pid = int(node["partition-id"])
     num = int(node.get("num-partitions", cfg.num_clients))
@@ -78,7 +97,21 @@ def _partition(context: Context, cfg: RunConfig) -> int:
 
 
 def _local_data(context: Context, cfg: RunConfig) -> ClientData:
+    """The node's own data (``data-path``) or its simulated partition."""
+    path = _data_path(context)
+    if path is not None:
+        if cfg.target_dataset:
+            raise ValueError("domain adaptation (target-dataset) runs on simulated partitions; "
+                             "a SuperNode's own data (data-path) holds one domain only")
+        pid = int(context.node_config.get("partition-id", -1))
+        return local_client_data(path, cfg, pid)
     return federated_data(cfg).client(_partition(context, cfg))
+
+
+def _client_key(context: Context, data: ClientData) -> int:
+    """What seeds this client's batches: its partition id, else its node id (stable once
+    the SuperNode's key is registered)."""
+    return data.partition_id if data.partition_id >= 0 else int(context.node_id)
 
 
 def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
@@ -91,9 +124,9 @@ def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
     return _models[key]
 
 
-def _generator(cfg: RunConfig, server_round: int, partition_id: int, purpose: int) -> torch.Generator:
+def _generator(cfg: RunConfig, server_round: int, client: int, purpose: int) -> torch.Generator:
     """A generator seeded by (seed, round, client, purpose): batches are reproducible."""
-    seed = np.random.SeedSequence([cfg.seed, server_round, partition_id, purpose])
+    seed = np.random.SeedSequence([cfg.seed, server_round, client, purpose])
     return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
 
 
@@ -105,38 +138,76 @@ def _trainer(cfg: RunConfig, msg: Message) -> Trainer:
     return trainer
 
 
-def _load_global(model: torch.nn.Module, msg: Message, trainer: Trainer, context: Context
+def _load_global(model: torch.nn.Module, msg: Message, trainer: Trainer, state: ClientState
                  ) -> None:
     """Load the received global weights, then the parts this client keeps for itself."""
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    if trainer.local_prefixes() and LOCAL_PARTS in context.state.array_records:
-        model.load_state_dict(context.state[LOCAL_PARTS].to_torch_state_dict(), strict=False)
+    if trainer.local_prefixes() and LOCAL_PARTS in state:
+        model.load_state_dict(state[LOCAL_PARTS], strict=False)
 
 
 def _update_rule(cfg: RunConfig, trainer: Trainer, device: torch.device) -> UpdateRule:
     return STRATEGIES.get(cfg.strategy).client_rule()(cfg, trainer, device)
 
 
-def _load_state(context: Context) -> ClientState:
-    return {name: record.to_torch_state_dict()
-            for name, record in context.state.array_records.items()}
+def _state_store(msg: Message, context: Context, partition_id: int) -> ClientStateStore:
+    """Where this client keeps its state: node config ``state-dir`` if set; else the folder
+    the server names when its run directory is on this machine (simulation); else
+    ``~/.cache/fedtl/client-state/<run name>``."""
+    root = context.node_config.get("state-dir")
+    suggested = msg.content["config"].get("state-dir")
+    if not root and suggested and Path(str(suggested)).parent.is_dir():
+        root = suggested
+    if not root:
+        run_name = Path(str(suggested or "fedtl-run")).parent.name or "fedtl-run"
+        root = Path.home() / ".cache" / "fedtl" / "client-state" / run_name
+    return ClientStateStore(str(root), partition_id)
 
 
-def _save_state(context: Context, state: ClientState) -> None:
-    for name, tensors in state.items():
-        context.state[name] = ArrayRecord(tensors)
+def _seed_everything(cfg: RunConfig, server_round: int, partition_id: int, purpose: int) -> None:
+    """Seed torch's global RNG too (augmentations, dropout), whichever actor runs the call."""
+    torch.manual_seed(int(_generator(cfg, server_round, partition_id, purpose + 100).initial_seed()))
+
+
+def injected_fault(cfg: RunConfig, server_round: int, partition_id: int) -> str | None:
+    """The fault this client injects in this round (``fault-rate``), drawn from the seed."""
+    if cfg.fault_rate <= 0:
+        return None
+    rng = np.random.default_rng([cfg.seed, server_round, partition_id, 0xFA17])
+    if rng.random() >= cfg.fault_rate:
+        return None
+    kinds = [k.strip() for k in cfg.fault_kinds.split(",") if k.strip()]
+    return str(rng.choice(kinds))
+
+
+def _corrupt(arrays: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Damage a reply's weights as a faulty client would."""
+    name = next(k for k, v in arrays.items() if v.is_floating_point() and v.numel() > 1)
+    out = dict(arrays)
+    if kind == "nan":
+        out[name] = torch.full_like(arrays[name], float("nan"))
+    elif kind == "inf":
+        out[name] = arrays[name].clone()
+        out[name].view(-1)[0] = float("inf")
+    elif kind == "shape":
+        out[name] = arrays[name].reshape(-1)[:-1].clone()
+    return out
 
 
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Report split sizes and label counts (never samples)."""
     cfg = run_config(msg)
-    fed = federated_data(cfg)
-    pid = _partition(context, cfg)
-    stats = fed.client_stats()[pid]
+    if _data_path(context) is not None:
+        stats = client_stats(_local_data(context, cfg), DATASETS.get(cfg.dataset).num_classes)
+        num_partitions = cfg.num_clients
+    else:
+        fed = federated_data(cfg)
+        stats = fed.client_stats()[_partition(context, cfg)]
+        num_partitions = fed.num_clients
     # num-train / num-val / num-test / label-counts, and whatever else the data reports
     # (a domain-adaptation client adds its target splits' sizes and labels)
-    record = MetricRecord({**stats, "partition-id": pid, "num-partitions": fed.num_clients})
+    record = MetricRecord({**stats, "num-partitions": num_partitions})
     return Message(RecordDict({"stats": record}), reply_to=msg)
 
 
@@ -150,20 +221,29 @@ def train(msg: Message, context: Context) -> Message:
     data = _local_data(context, cfg)
     trainer = _trainer(cfg, msg)
     model, _ = _models_for(cfg, trainer, device)
-    _load_global(model, msg, trainer, context)
-    state = _load_state(context)
     server_round = trainer.server_round
+    pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
+    fault = injected_fault(cfg, server_round, pid)
+    if fault == "raise":
+        raise RuntimeError(f"injected fault (fault-rate={cfg.fault_rate}): client {pid} crashed")
+    if fault == "timeout":
+        time.sleep(cfg.client_timeout + 1.0)
+    store = _state_store(msg, context, pid)
+    state = store.load(before_round=server_round)
+    _load_global(model, msg, trainer, state)
+    _seed_everything(cfg, server_round, pid, 0)
     rule = _update_rule(cfg, trainer, device)
-    metrics = rule.train(model, data, _generator(cfg, server_round, data.partition_id, 0), state)
-    _save_state(context, state)
+    metrics = rule.train(model, data, _generator(cfg, server_round, pid, 0), state)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if prefixes := trainer.local_prefixes():
         # keep this client's own parts; the server gets back the values it sent
-        context.state[LOCAL_PARTS] = ArrayRecord(
-            {k: v.clone() for k, v in weights.items() if k.startswith(prefixes)})
+        state[LOCAL_PARTS] = {k: v.clone() for k, v in weights.items() if k.startswith(prefixes)}
         received = msg.content["arrays"]
         weights.update({k: torch.from_numpy(received[k].numpy()) for k in weights
                         if k.startswith(prefixes)})
+    store.save(server_round, state)
+    if fault in ("nan", "inf", "shape"):
+        weights = _corrupt(weights, fault)
     reply = RecordDict({
         "arrays": ArrayRecord(weights),
         "metrics": MetricRecord({
@@ -184,12 +264,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = _local_data(context, cfg)
     trainer = _trainer(cfg, msg)
     model, scratch = _models_for(cfg, trainer, device)
-    _load_global(model, msg, trainer, context)
     server_round = trainer.server_round
+    pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
+    state = _state_store(msg, context, pid).load(before_round=server_round + 1)
+    _load_global(model, msg, trainer, state)
+    _seed_everything(cfg, server_round, pid, 1)
     rule = _update_rule(cfg, trainer, device)
-    personal = rule.personalized(model, scratch, data,
-                                 _generator(cfg, server_round, data.partition_id, 1),
-                                 _load_state(context))
+    personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),
+                                 state)
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):
         for name, s in trainer.evaluate(m, data, device).items():

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +17,10 @@ from fedtl.config import ConfigError, RunConfig
 from fedtl.data.datasets import DatasetSpec, Source
 from fedtl.data.partition import ClientSplit, label_counts, split_client
 from fedtl.registry import DATASETS, MODELS, PARTITIONERS
+from fedtl.results import atomic_write
+
+# Bump when partitioning or splitting changes, so cached partitions are recomputed.
+PARTITION_CACHE_VERSION = "1"
 
 # The config keys that decide which samples a client holds.
 DATA_KEYS = (
@@ -133,8 +142,51 @@ def _data_key(cfg: RunConfig) -> tuple:
     return tuple(cfg[k] for k in DATA_KEYS)
 
 
+def cache_dir() -> Path:
+    """Where computed partitions are kept: ``$FEDTL_CACHE_DIR`` or ``~/.cache/fedtl``."""
+    return Path(os.environ.get("FEDTL_CACHE_DIR") or Path.home() / ".cache" / "fedtl")
+
+
+def _cache_file(key: tuple, source: Source) -> Path:
+    """A file name that changes with the data keys, the data-dir and the pool's labels."""
+    ident = dict(zip(DATA_KEYS, key))
+    ident["data-dir"] = str(Path(str(ident["data-dir"])).expanduser().resolve())
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
+    digest.update(source.train.y.numpy().tobytes())
+    digest.update(PARTITION_CACHE_VERSION.encode())
+    return cache_dir() / "partitions" / f"{ident['dataset']}-{digest.hexdigest()[:24]}.npz"
+
+
+def _save_splits(path: Path, splits: list[ClientSplit]) -> None:
+    arrays = {}
+    for part in ("train", "val", "test"):
+        chunks = [getattr(s, part) for s in splits]
+        arrays[part] = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+        arrays[f"{part}_sizes"] = np.asarray([len(c) for c in chunks], dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buf.getvalue())
+    except OSError:
+        pass  # a read-only home: the partition is simply recomputed next time
+
+
+def _load_splits(path: Path) -> list[ClientSplit] | None:
+    try:
+        with np.load(path) as z:
+            parts = {p: np.split(z[p], np.cumsum(z[f"{p}_sizes"])[:-1])
+                     for p in ("train", "val", "test")}
+    except (OSError, ValueError, KeyError):
+        return None
+    return [ClientSplit(*t) for t in zip(parts["train"], parts["val"], parts["test"])]
+
+
 @functools.lru_cache(maxsize=4)
 def _build(key: tuple) -> FederatedData:
+    """Load the dataset and partition it, reusing a partition computed earlier (on disk):
+    with thousands of clients partitioning takes longer than loading, and every Ray actor
+    would otherwise repeat it."""
     from fedtl.config import make_config
 
     cfg = make_config(dict(zip(DATA_KEYS, key)))
@@ -144,11 +196,15 @@ def _build(key: tuple) -> FederatedData:
         return build_domain_adaptation(cfg)
     spec = dataset_spec(cfg)
     source = spec.load(cfg)
-    labels = source.train.y.numpy()
-    partition = PARTITIONERS.get(cfg.partitioner)
-    parts = partition(labels, cfg.num_clients, cfg, source.client_ids)
-    splits = [split_client(idx, cfg.val_fraction, cfg.test_fraction, cfg.seed, pid)
-              for pid, idx in enumerate(parts)]
+    cache = _cache_file(key, source)
+    splits = _load_splits(cache) if cache.exists() else None
+    if splits is None or len(splits) != cfg.num_clients:
+        labels = source.train.y.numpy()
+        partition = PARTITIONERS.get(cfg.partitioner)
+        parts = partition(labels, cfg.num_clients, cfg, source.client_ids)
+        splits = [split_client(idx, cfg.val_fraction, cfg.test_fraction, cfg.seed, pid)
+                  for pid, idx in enumerate(parts)]
+        _save_splits(cache, splits)
     for pid, s in enumerate(splits):
         if len(s.train) == 0:
             raise ConfigError(

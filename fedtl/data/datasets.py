@@ -70,6 +70,12 @@ class DatasetSpec:
     has_central_test: bool
     loader: Callable[[RunConfig], Source]
     natural_clients: bool = False
+    # How stored values become model inputs: x * raw_scale maps the dataset's integer
+    # values to [0, 1] (1/255 for 8-bit images, 1/16 for digits), then (x - mean) / std per
+    # channel. Local data (fedtl.data.local) is normalised the same way.
+    raw_scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     @property
     def is_image(self) -> bool:
@@ -87,11 +93,13 @@ def _load_digits(cfg: RunConfig) -> Source:
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
     y = torch.from_numpy(bunch.target.astype(np.int64))
-    # Mean and std of the 1,797 images scaled to [0, 1].
-    return Source(ArrayDataset(x, y, scale=1 / 16, mean=(0.3053,), std=(0.3760,)), test=None)
+    return Source(ArrayDataset(x, y, scale=DIGITS.raw_scale, mean=DIGITS.mean, std=DIGITS.std),
+                  test=None)
 
 
-DIGITS = DatasetSpec("digits", 10, (1, 8, 8), 1797, False, _load_digits)
+# Mean and std of the 1,797 images scaled to [0, 1].
+DIGITS = DatasetSpec("digits", 10, (1, 8, 8), 1797, False, _load_digits,
+                     raw_scale=1 / 16, mean=(0.3053,), std=(0.3760,))
 
 
 # --- Synthetic(alpha, beta), Li et al. (FedProx) as used by pFedMe --------------------------
@@ -135,16 +143,39 @@ SYNTHETIC = DatasetSpec("synthetic", 10, (60,), None, False, _load_synthetic,
 
 # --- torchvision datasets ------------------------------------------------------------------
 
-def _torchvision(cls_name: str, folder: str, files: list[str], mean: tuple, std: tuple):
-    """A loader reading a torchvision dataset from data-dir, downloading only when absent."""
+@dataclass(frozen=True)
+class TorchvisionLoader:
+    """Reads a torchvision dataset from a folder in torchvision's layout.
 
-    def load(cfg: RunConfig) -> Source:
+    As a DatasetSpec's loader (called with a run config) it reads ``data-dir`` and downloads
+    only when files are absent; ``read(root, download=False)`` reads any folder (a
+    SuperNode's local copy).
+    """
+
+    cls_name: str
+    folder: str  # where the files sit under the root, e.g. "MNIST/raw"
+    files: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def missing(self, root: Path) -> list[str]:
+        """The dataset's files absent under ``root``."""
+        return [f for f in self.files if not (root / self.folder / f).exists()]
+
+    def __call__(self, cfg: RunConfig) -> Source:
+        return self.read(Path(cfg.data_dir).expanduser(), download=None,
+                         key=f"config key 'data-dir' = {cfg.data_dir!r}")
+
+    def read(self, root: Path, download: bool | None = False, key: str | None = None) -> Source:
+        """The train and test sets under ``root``; ``download=None``: only when files are
+        absent. Raises ConfigError naming ``key`` (default: the folder) when unreadable."""
         import torchvision.datasets as tvd
 
-        cls = getattr(tvd, cls_name)
-        root = Path(cfg.data_dir).expanduser()
-        missing = [f for f in files if not (root / folder / f).exists()]
-        download = bool(missing)
+        cls = getattr(tvd, self.cls_name)
+        missing = self.missing(root)
+        if download is None:
+            download = bool(missing)
+        key = key or f"folder {str(root)!r}"
         try:
             train = cls(root=str(root), train=True, download=download)
             test = cls(root=str(root), train=False, download=download)
@@ -152,19 +183,17 @@ def _torchvision(cls_name: str, folder: str, files: list[str], mean: tuple, std:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
             if missing:
                 raise ConfigError(
-                    f"config key 'data-dir' = {cfg.data_dir!r}: no {cls_name} files in "
-                    f"{root / folder} (torchvision's layout: {', '.join(missing)}) and the "
-                    f"download failed ({reason}). Point data-dir at a folder that holds "
-                    f"{folder}/, or run once with internet access"
+                    f"{key}: no {self.cls_name} files in {root / self.folder} "
+                    f"(torchvision's layout: {', '.join(missing)})"
+                    + (f" and the download failed ({reason}). Point data-dir at a folder "
+                       f"that holds {self.folder}/, or run once with internet access"
+                       if download else "")
                 ) from None
             raise ConfigError(
-                f"config key 'data-dir' = {cfg.data_dir!r}: the {cls_name} files in "
-                f"{root / folder} cannot be read ({type(exc).__name__}: {reason}); "
-                "they may be truncated or corrupt"
+                f"{key}: the {self.cls_name} files in {root / self.folder} cannot be read "
+                f"({type(exc).__name__}: {reason}); they may be truncated or corrupt"
             ) from None
-        return Source(_as_array(train, mean, std), _as_array(test, mean, std))
-
-    return load
+        return Source(_as_array(train, self.mean, self.std), _as_array(test, self.mean, self.std))
 
 
 def _as_array(ds, mean: tuple, std: tuple) -> ArrayDataset:
@@ -177,16 +206,21 @@ def _as_array(ds, mean: tuple, std: tuple) -> ArrayDataset:
     return ArrayDataset(x.to(torch.uint8), y, scale=1 / 255, mean=mean, std=std)
 
 
-_MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-MNIST = DatasetSpec("mnist", 10, (1, 28, 28), 60000, True,
-                    _torchvision("MNIST", "MNIST/raw", _MNIST_FILES, (0.1307,), (0.3081,)))
-FASHION_MNIST = DatasetSpec(
-    "fashion-mnist", 10, (1, 28, 28), 60000, True,
-    _torchvision("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, (0.2860,), (0.3530,)))
-CIFAR10 = DatasetSpec(
-    "cifar10", 10, (3, 32, 32), 50000, True,
-    _torchvision("CIFAR10", "cifar-10-batches-py",
-                 [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-                 (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+
+def _torchvision_spec(name: str, shape: tuple[int, ...], size: int, loader: TorchvisionLoader
+                      ) -> DatasetSpec:
+    return DatasetSpec(name, 10, shape, size, True, loader, raw_scale=1 / 255,
+                       mean=loader.mean, std=loader.std)
+
+
+MNIST = _torchvision_spec("mnist", (1, 28, 28), 60000, TorchvisionLoader(
+    "MNIST", "MNIST/raw", _MNIST_FILES, (0.1307,), (0.3081,)))
+FASHION_MNIST = _torchvision_spec("fashion-mnist", (1, 28, 28), 60000, TorchvisionLoader(
+    "FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, (0.2860,), (0.3530,)))
+CIFAR10 = _torchvision_spec("cifar10", (3, 32, 32), 50000, TorchvisionLoader(
+    "CIFAR10", "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))

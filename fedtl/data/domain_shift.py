@@ -62,7 +62,7 @@ def _bundled_photos() -> list[np.ndarray]:
     for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry"):
         try:  # newer scikit-image fetches some images on demand: use only what is on disk
             img = np.asarray(getattr(skd, name)())
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 (any failure: that photo is not available)
             continue
         if img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= CROP:
             photos.append(img.astype(np.uint8))
@@ -202,7 +202,7 @@ def _torchvision_split(name: str, files: dict[str, str], read):
         missing = [f for f in files.values() if not (root / f).exists()]
         try:
             parts = {split: read(str(root), split, bool(missing)) for split in files}
-        except Exception as exc:  # torchvision raises RuntimeError / URLError / OSError
+        except Exception as exc:  # noqa: BLE001 (torchvision: RuntimeError, URLError, OSError)
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
             if missing:
                 raise ConfigError(

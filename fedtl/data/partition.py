@@ -48,8 +48,19 @@ def _run(partitioner, table, num_clients: int, cfg: RunConfig) -> list[np.ndarra
         with warnings.catch_warnings():
             # flwr-datasets warns on every resampling attempt; a failure raises below.
             warnings.simplefilter("ignore", UserWarning)
-            return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
-                    for i in range(num_clients)]
+            first = np.asarray(partitioner.load_partition(0)["idx"], dtype=np.int64)
+            # Reading the partitioner's row assignment directly is O(samples); selecting each
+            # partition through Arrow costs milliseconds per client (minutes for 10,000).
+            rows = (getattr(partitioner, "partition_id_to_indices", None)
+                    if not hasattr(partitioner, "_partition_id_to_indices")
+                    else partitioner._partition_id_to_indices)
+            if isinstance(rows, dict) and len(rows) == num_clients:
+                idx = np.asarray(table["idx"], dtype=np.int64)
+                parts = [idx[np.asarray(rows[i], dtype=np.int64)] for i in range(num_clients)]
+                if np.array_equal(parts[0], first):
+                    return parts
+            return [first] + [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
+                              for i in range(1, num_clients)]
     except ValueError as exc:
         raise ConfigError(
             f"config key 'partitioner' = {cfg.partitioner!r} cannot split {len(table)} samples "
@@ -75,6 +86,19 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, cfg: RunConfig,
         min_partition_size=cfg.min_partition_size, self_balancing=False, shuffle=True,
         seed=cfg.seed,
     )
+    return _run(partitioner, _table(labels, None), num_clients, cfg)
+
+
+def inner_dirichlet_partition(labels: np.ndarray, num_clients: int, cfg: RunConfig,
+                              client_ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """Equal client sizes, each client's label mix ~ Dir(alpha) (Acar et al. 2021's scheme);
+    unlike ``dirichlet`` it never leaves a client empty, so it scales to thousands of clients."""
+    from flwr_datasets.partitioner import InnerDirichletPartitioner
+
+    base, extra = divmod(len(labels), num_clients)
+    sizes = [base + (1 if i < extra else 0) for i in range(num_clients)]
+    partitioner = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label",
+                                            alpha=cfg.alpha, shuffle=True, seed=cfg.seed)
     return _run(partitioner, _table(labels, None), num_clients, cfg)
 
 

@@ -8,7 +8,7 @@ client, and evaluation counts are summed rather than averaged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedtl.config import RunConfig
-from fedtl.strategies import Algorithm
+from fedtl.strategies import Algorithm, held_out_partitions
 
 
 def sum_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -40,34 +40,46 @@ def restore_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(out)
 
 
+def sample_partitions(seed: int, server_round: int, partition_ids: list[int], fraction: float,
+                      minimum: int = 1) -> list[int]:
+    """The partition ids trained in ``server_round``: a seeded draw of ``fraction`` of them."""
+    ordered = sorted(partition_ids)
+    count = min(len(ordered), max(minimum, int(len(ordered) * fraction)))
+    rng = np.random.default_rng([seed, server_round, 0xFEDA])
+    return [ordered[i] for i in sorted(rng.choice(len(ordered), size=count, replace=False))]
+
+
 class FedAvg(FlowerFedAvg):
     """Sample-weighted FedAvg with seeded client sampling by partition id."""
 
-    def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0):
+    def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0,
+                 fraction_evaluate: float = 1.0, held_out: Collection[int] = ()):
         super().__init__(
-            fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
+            fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=1,
             min_evaluate_nodes=1, min_available_nodes=len(clients),
             evaluate_metrics_aggr_fn=sum_metrics,
         )
         self.clients = dict(clients)  # node id -> partition id
+        self.held_out = frozenset(held_out)  # partition ids never trained (unseen clients)
         self.seed = seed
         self._global: ArrayRecord | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig, clients: Mapping[int, int]) -> FedAvg:
-        return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train)
+        return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train,
+                   fraction_evaluate=cfg.eval_fraction, held_out=held_out_partitions(cfg))
 
     def summary(self) -> None:
         """Log the sampling settings."""
         super().summary()
 
     def sample_train(self, server_round: int) -> list[int]:
-        """Node ids of the clients trained in ``server_round``, drawn from the seed."""
-        by_partition = sorted(self.clients.items(), key=lambda kv: kv[1])
-        count = max(self.min_train_nodes, int(len(by_partition) * self.fraction_train))
-        rng = np.random.default_rng([self.seed, server_round, 0xFEDA])
-        chosen = sorted(rng.choice(len(by_partition), size=count, replace=False))
-        return [by_partition[i][0] for i in chosen]
+        """Node ids of the clients trained in ``server_round``, drawn from the seed among the
+        clients not held out."""
+        node_of = {pid: node for node, pid in self.clients.items() if pid not in self.held_out}
+        chosen = sample_partitions(self.seed, server_round, list(node_of), self.fraction_train,
+                                   self.min_train_nodes)
+        return [node_of[pid] for pid in chosen]
 
     def _messages(self, node_ids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord,
                   server_round: int, message_type: str) -> list[Message]:
@@ -84,9 +96,12 @@ class FedAvg(FlowerFedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Send the global model to every client for evaluation."""
-        node_ids = sorted(self.clients, key=self.clients.__getitem__)
-        return self._messages(node_ids, arrays, config, server_round, MessageType.EVALUATE)
+        """Send the global model to the evaluated clients: all of them, or the same seeded
+        ``eval-fraction`` of them every evaluated round (comparable curves)."""
+        node_of = {pid: node for node, pid in self.clients.items()}
+        chosen = sample_partitions(self.seed, 0, list(node_of), self.fraction_evaluate)
+        return self._messages([node_of[p] for p in chosen], arrays, config, server_round,
+                              MessageType.EVALUATE)
 
     def in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda m: self.clients.get(m.metadata.src_node_id, -1))
@@ -105,4 +120,5 @@ class FedAvg(FlowerFedAvg):
         return super().aggregate_evaluate(server_round, self.in_partition_order(replies))
 
 
-FEDAVG = Algorithm(FedAvg.from_config, "fedtl.clients.local_sgd:LocalSGD")
+FEDAVG = Algorithm(FedAvg.from_config, "fedtl.clients.local_sgd:LocalSGD",
+                   personal_model="fine-tuned global model (FedAvg-FT)")

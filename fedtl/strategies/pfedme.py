@@ -8,12 +8,12 @@ theta_i is the one from the last round it trained.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedtl.config import RunConfig
-from fedtl.strategies import Algorithm
+from fedtl.strategies import Algorithm, held_out_partitions
 from fedtl.strategies.fedavg import FedAvg
 
 
@@ -30,14 +30,17 @@ class PFedMe(FedAvg):
     """pFedMe: FedAvg's sampling and averaging, then w <- (1 - beta) w + beta mean(w_i)."""
 
     def __init__(self, *, clients: Mapping[int, int], seed: int, fraction_train: float = 1.0,
-                 beta: float = 1.0):
-        super().__init__(clients=clients, seed=seed, fraction_train=fraction_train)
+                 fraction_evaluate: float = 1.0, beta: float = 1.0,
+                 held_out: Collection[int] = ()):
+        super().__init__(clients=clients, seed=seed, fraction_train=fraction_train,
+                         fraction_evaluate=fraction_evaluate, held_out=held_out)
         self.beta = beta
 
     @classmethod
     def from_config(cls, cfg: RunConfig, clients: Mapping[int, int]) -> PFedMe:
         return cls(clients=clients, seed=cfg.seed, fraction_train=cfg.fraction_train,
-                   beta=cfg.beta)
+                   fraction_evaluate=cfg.eval_fraction, beta=cfg.beta,
+                   held_out=held_out_partitions(cfg))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -48,4 +51,5 @@ class PFedMe(FedAvg):
         return mix(self._global, average, self.beta), metrics
 
 
-PFEDME = Algorithm(PFedMe.from_config, "fedtl.clients.pfedme:PFedMeSolver")
+PFEDME = Algorithm(PFedMe.from_config, "fedtl.clients.pfedme:PFedMeSolver",
+                   personal_model="theta_i (Moreau-envelope prox of w)")
