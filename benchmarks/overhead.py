@@ -100,7 +100,7 @@ def plain_loop(cfg) -> dict:
     device = ca._device(cfg)
     fed = federated_data(cfg)
     trainer = TRAINERS.get(cfg.trainer)(cfg)
-    model, scratch = ca._models_for(cfg, trainer, device)
+    model, scratch, _ = ca._models_for(cfg, trainer, device)
     global_state = {k: v.detach().cpu().clone()
                     for k, v in trainer.build_model(fed.spec, seed=cfg.seed).state_dict().items()}
     states: dict[int, dict] = {pid: {} for pid in range(cfg.num_clients)}

@@ -69,6 +69,22 @@ def _gpus(v: float) -> str | None:
 
 def _one_of(*accepted: str) -> Callable[[str], str | None]:
     return lambda v: None if v in accepted else "must be one of " + ", ".join(map(repr, accepted))
+
+
+def _target_dataset(v: str) -> str | None:
+    if v == "":
+        return None
+    from fedtl.registry import DATASETS  # registry imports no config state
+
+    if v in DATASETS:
+        return None
+    return f"unknown dataset. Accepted: '' (no target domain), {', '.join(DATASETS)}"
+
+
+def _open_fraction(v: float) -> str | None:
+    return None if 0 < v < 1 else "must be a fraction in (0, 1)"
+
+
 FAULT_KINDS = ("raise", "nan", "inf", "shape", "timeout")
 
 
@@ -197,6 +213,27 @@ _KEYS: list[Key] = [
         "(paper: 128)", "distillation", _at_least(2)),
     Key("synthetic-dir", "", "data-free trainers: folder where each client writes a preview "
         "of its synthetic samples for 'fedtl plot' (empty: none)", "distillation"),
+    # --- domain adaptation -------------------------------------------------------------
+    Key("target-dataset", "", "domain-adaptation trainers: the unlabelled target domain "
+        "('' = none; `dataset` is the source)", "domain adaptation", _target_dataset),
+    Key("da-scenario", "shared-target", "who holds which domain: shared-target, split, "
+        "domain-per-client", "domain adaptation",
+        _one_of("shared-target", "split", "domain-per-client")),
+    Key("target-client-share", 0.5, "split / domain-per-client: share of clients holding the "
+        "target domain", "domain adaptation", _open_fraction),
+    Key("photo-dir", "", "mnist-m / digits-m: folder of colour photos to crop backgrounds from "
+        "('' = the photos scikit-learn ships)", "domain adaptation"),
+    Key("dann-share-domain-head", True, "dann: aggregate the domain head (false: each client "
+        "keeps its own)", "domain adaptation"),
+    Key("dann-lr-annealing", True, "dann: anneal the local learning rates by 1/(1+10p)^0.75",
+        "domain adaptation"),
+    Key("adda-source-rounds", 10, "adda: rounds of stage 1 (source training); the rest of "
+        "num-rounds adapt the target encoder", "domain adaptation", _at_least(1)),
+    Key("adda-adapt-lr", 0.01, "adda: client learning rate in stage 2 (target encoder and "
+        "discriminator)", "domain adaptation", _positive),
+    Key("adda-adapt-momentum", 0.5, "adda: client SGD momentum in stage 2 (the paper's Adam "
+        "uses beta1 = 0.5)", "domain adaptation",
+        lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     # --- Ditto ---------------------------------------------------------------------------
     Key("ditto-lambda", 0.1, "Ditto: proximal weight lambda pulling the personal model v_i "
         "toward the global w", "ditto", _non_negative),

@@ -1,7 +1,8 @@
 """Figures of a run directory (``fedtl plot DIR [DIR ...]``).
 
 - ``accuracy.png``: pooled test accuracy per round, global against personalized (and the
-  central test set where the dataset has one);
+  central test set where the dataset has one, and any other split a trainer reports, such
+  as domain adaptation's source test split); dotted lines mark where a phase begins;
 - ``clients.png``: the per-client accuracy distribution of the last evaluated round;
 - ``partition.png``: the partition's label matrix (samples of each label on each client);
 - ``synthetic.png``: for data-free distillation with ``synthetic-dir``, what the clients
@@ -12,6 +13,7 @@ With several directories, ``compare-accuracy.png`` overlays their curves.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -50,7 +52,8 @@ def _title(run: RunDirectory) -> str:
         c = run.config()
     except (OSError, ValueError):
         return run.path.name
-    return (f"{c.get('strategy')} / {c.get('trainer')} on {c.get('dataset')} "
+    shift = f" -> {c['target-dataset']}" if c.get("target-dataset") else ""
+    return (f"{c.get('strategy')} / {c.get('trainer')} on {c.get('dataset')}{shift} "
             f"({c.get('partitioner')}, {c.get('num-clients')} clients, {c.get('model')})")
 
 
@@ -59,11 +62,24 @@ def plot_accuracy(run: RunDirectory, out: Path) -> Path | None:
     if not rounds:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    try:
+        target = run.config().get("target-dataset")
+    except (OSError, ValueError):
+        target = None
+    known = {key for key, _, _ in CURVES}
     for key, label, style in _curves(rounds):
+        if target and key in known:  # domain adaptation: the headline splits are the target's
+            label = f"{label} on target {target}"
         pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, style, marker="o" if len(pts) < 30 else None, ms=3, label=label)
+    all_rounds = run.rounds()
+    for prev, r in itertools.pairwise(all_rounds):  # where a multi-phase trainer moves on
+        if r.get("phase") != prev.get("phase"):
+            ax.axvline(r["round"] - 0.5, color="grey", lw=0.8, ls=":")
+            ax.annotate(r["phase"], (r["round"] - 0.5, 0.02), fontsize=7, color="grey",
+                        xycoords=("data", "axes fraction"))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_title(_title(run), fontsize=9)

@@ -100,6 +100,15 @@ TRAINERS = Registry("trainer", {
     "dafl": Entry("fedtl.clients.trainers.dafl:DAFLTrainer",
                   "data-free KD from a generator trained on the client (DAFL, Chen et al. "
                   "2019)"),
+    "source-only": Entry("fedtl.clients.trainers.domain:SourceOnlyTrainer",
+                         "domain adaptation floor: cross-entropy on labelled source data only"),
+    "target-oracle": Entry("fedtl.clients.trainers.domain:TargetOracleTrainer",
+                           "domain adaptation ceiling: cross-entropy on the target labels"),
+    "dann": Entry("fedtl.clients.trainers.dann:DANNTrainer",
+                  "DANN (Ganin & Lempitsky 2015): gradient reversal against a domain head"),
+    "adda": Entry("fedtl.clients.trainers.adda:ADDATrainer",
+                  "ADDA (Tzeng et al. 2017): source stage, then an adversarially adapted "
+                  "target encoder"),
 })
 
 DATASETS = Registry("dataset", {
@@ -112,6 +121,15 @@ DATASETS = Registry("dataset", {
     "fashion-mnist": Entry("fedtl.data.datasets:FASHION_MNIST",
                            "Fashion-MNIST through torchvision (data-dir)"),
     "cifar10": Entry("fedtl.data.datasets:CIFAR10", "CIFAR-10 through torchvision (data-dir)"),
+    "mnist-m": Entry("fedtl.data.domain_shift:MNIST_M",
+                     "MNIST-M built offline: |photo crop - binarised MNIST digit| (data-dir, "
+                     "photo-dir)"),
+    "digits-m": Entry("fedtl.data.domain_shift:DIGITS_M",
+                      "MNIST-M's recipe on scikit-learn's digits upsampled to 28x28 (offline)"),
+    "usps": Entry("fedtl.data.domain_shift:USPS", "USPS 16x16 digits through torchvision "
+                  "(data-dir)"),
+    "svhn": Entry("fedtl.data.domain_shift:SVHN", "SVHN 32x32 house numbers through "
+                  "torchvision (data-dir)"),
 })
 
 PARTITIONERS = Registry("partitioner", {

@@ -96,8 +96,11 @@ class RunDirectory:
     def write_partition(self, stats: list[dict]) -> None:
         rows = []
         for s in stats:
-            row = {k: v for k, v in s.items() if k != "label-counts"}
-            row.update({f"label-{i}": c for i, c in enumerate(s["label-counts"])})
+            row = {k: v for k, v in s.items() if not isinstance(v, list)}
+            for key, counts in s.items():  # "label-counts" -> label-0, label-1, ...
+                if isinstance(counts, list):
+                    row.update({f"{key.removesuffix('-counts')}-{i}": c
+                                for i, c in enumerate(counts)})
             rows.append(row)
         atomic_write(self.path / "partition.csv", _csv_bytes(rows))
 

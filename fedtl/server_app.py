@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedtl.clients.trainers.base import Phase
 from fedtl.config import ConfigError, RunConfig, make_config
 from fedtl.data import Split, dataset_spec
 from fedtl.evaluation import pooled, spread
@@ -65,6 +66,8 @@ class LogProgress:
 
 def round_line(record: dict, total: int) -> str:
     parts = [f"round {record['round']}/{total}"]
+    if record.get("phase") not in (None, "train"):
+        parts.append(f"[{record['phase']}]")
     for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "personalized"),
                        ("centralized_accuracy", "central"), ("probe_accuracy", "probe"),
                        ("knn_accuracy", "knn")):
@@ -302,20 +305,29 @@ def without_global(values: dict[str, Any]) -> dict[str, Any]:
             for k, v in values.items()}
 
 
-def _final_keys(record: dict) -> list[str]:
+def summary_keys(record: dict) -> list[str]:
     """FINAL_KEYS, then any other accuracy a trainer reported (e.g. ``probe_accuracy``,
-    ``knn_global_accuracy``)."""
+    ``knn_global_accuracy``, ``source-test_global_accuracy``)."""
     extra = sorted(k for k in record if k.endswith("_accuracy") and k not in FINAL_KEYS)
     return [*FINAL_KEYS, *extra]
+
+
+def _add_aliases(figures: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    for alias, key in aliases.items():
+        figures[alias] = figures.get(key)
+    return figures
 
 
 def select_best(rounds: list[dict]) -> dict[str, Any]:
     """Figures at the rounds chosen on VALIDATION accuracy: the global model's figures at the
     round of best global validation accuracy, the personalized model's (keys that name it) at
-    the round of best personalized validation accuracy. Ties go to the earlier round."""
+    the round of best personalized validation accuracy. Ties go to the earlier round. Only
+    rounds of the last phase compete (earlier phases of a multi-phase trainer prepare the
+    final model)."""
     evaluated = [r for r in rounds if r.get("evaluated")]
     if not evaluated:
         return {}
+    evaluated = [r for r in evaluated if r.get("phase") == evaluated[-1].get("phase")]
 
     def pick(kind: str) -> dict:
         valued = [r for r in evaluated if r.get(f"{kind}_val_accuracy") is not None]
@@ -326,8 +338,8 @@ def select_best(rounds: list[dict]) -> dict[str, Any]:
     g, p = pick("global"), pick("personalized")
     best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
                             "personalized_round": p["round"]}
-    for key in _final_keys(evaluated[-1]):
-        source = p if "personaliz" in key else g
+    for key in summary_keys(evaluated[-1]):
+        source = p if "personaliz" in key else g  # also source-test_personalized_accuracy
         best[key] = source.get(key)
     return best
 
@@ -337,16 +349,18 @@ def build_summary(cfg: RunConfig, rounds: list[dict], status: str, wall: float,
     evaluated = [r for r in rounds if r.get("evaluated")]
     last = evaluated[-1] if evaluated else {}
     final = {"round": last.get("round")}
-    final.update({k: last.get(k) for k in _final_keys(last)})
+    final.update({k: last.get(k) for k in summary_keys(last)})
+    aliases = dict(TRAINERS.get(cfg.trainer).summary_aliases)
     return {
         "status": status,
         "error": error,
         "strategy": cfg.strategy, "trainer": cfg.trainer, "dataset": cfg.dataset,
+        "target_dataset": cfg.target_dataset or None,
         "model": cfg.model, "partitioner": cfg.partitioner, "num_clients": cfg.num_clients,
         "rounds_completed": rounds[-1]["round"] if rounds else 0,
         "num_rounds": cfg.num_rounds,
-        "final": final,
-        "best": select_best(rounds),
+        "final": _add_aliases(final, aliases),
+        "best": _add_aliases(select_best(rounds), aliases) if evaluated else {},
         "wall_seconds": wall,
         "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
         "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
@@ -364,8 +378,9 @@ def _clean(value: Any) -> Any:
 def check_train_reply(message: Message, reference: ArrayRecord, values: bool = True) -> str | None:
     """Why a training reply must be left out of aggregation, or None if it is usable.
 
-    Usable: exactly the global model's keys and shapes, a positive ``num-examples`` and, when
-    ``values`` is set, finite values (that check deserialises every array).
+    Usable: exactly the global model's keys and shapes, a non-negative ``num-examples`` (0: the
+    client had nothing to learn from in this phase) and, when ``values`` is set, finite values
+    (that check deserialises every array).
     """
     content = message.content
     if "arrays" not in content or "metrics" not in content:
@@ -380,8 +395,8 @@ def check_train_reply(message: Message, reference: ArrayRecord, values: bool = T
         if list(got.shape) != list(ref.shape):
             return f"weights '{key}' have shape {list(got.shape)}, expected {list(ref.shape)}"
     n = content["metrics"].get("num-examples")
-    if not isinstance(n, int | float) or not n > 0 or not math.isfinite(n):
-        return f"num-examples = {n!r} is not a positive number"
+    if not isinstance(n, int | float) or not n >= 0 or not math.isfinite(n):
+        return f"num-examples = {n!r} is not a non-negative number"
     if values:
         for key in reference.keys():
             a = arrays[key].numpy()
@@ -390,13 +405,35 @@ def check_train_reply(message: Message, reference: ArrayRecord, values: bool = T
     return None
 
 
+def phase_schedule(cfg: RunConfig, phases: list[Phase]) -> list[tuple[Phase, dict]]:
+    """Each round's phase and message config (the run config with the phase's overrides);
+    raises ConfigError unless the phases' rounds add up to ``num-rounds``."""
+    if sum(p.rounds for p in phases) != cfg.num_rounds or any(p.rounds < 1 for p in phases):
+        shown = ", ".join(f"{p.name}: {p.rounds}" for p in phases)
+        raise ConfigError(f"config key 'num-rounds' = {cfg.num_rounds}: trainer {cfg.trainer!r} "
+                          f"runs phases of {shown} rounds, which must each be >= 1 and add up "
+                          "to num-rounds")
+    schedule = []
+    for phase in phases:
+        config = dict(make_config({**cfg, **phase.config}, where=f"phase {phase.name!r}"))
+        config["phase"] = phase.name
+        schedule += [(phase, config)] * phase.rounds
+    return schedule
+
+
 def _finite(arrays: ArrayRecord) -> bool:
     return all(np.isfinite(a).all() for a in (v.numpy() for v in arrays.values())
                if a.dtype.kind == "f")
 
 
 class Federation:
-    """One run: the connected clients, the strategy, and the round loop."""
+    """One run: the connected clients, the strategy, and the round loop.
+
+    The trainer's phases (one, ``train``, unless it declares more, e.g. ADDA's ``source`` and
+    ``adapt``) split the rounds: each phase's messages carry its config and its name
+    (``phase``), its ``begin`` maps the global model before its first round, and its last
+    round is always evaluated.
+    """
 
     def __init__(self, grid: Grid, cfg: RunConfig, run_dir: RunDirectory, progress: Progress):
         self.grid, self.cfg, self.run_dir, self.progress = grid, cfg, run_dir, progress
@@ -407,6 +444,7 @@ class Federation:
         self.strategy = STRATEGIES.get(cfg.strategy).make_strategy(
             cfg, {n: c.partition_id for n, c in self.clients.items()})
         self.trainer = TRAINERS.get(cfg.trainer)(cfg)
+        self.schedule = phase_schedule(cfg, self.trainer.phases())
         self.model = self.trainer.build_model(self.spec, seed=cfg.seed)
         # The server holds and averages only the parts the trainer shares; the model is
         # completed with the initial values of the others when it is scored centrally.
@@ -421,8 +459,8 @@ class Federation:
         """The seeded initial weights of the parts the server aggregates."""
         return ArrayRecord({k: self.initial[k] for k in self.shared})
 
-    def _config(self) -> ConfigRecord:
-        config = ConfigRecord(dict(self.cfg))
+    def _config(self, rnd: int) -> ConfigRecord:
+        config = ConfigRecord(self.schedule[rnd - 1][1])  # the run config, as its phase sets it
         config["state-dir"] = str((self.run_dir.path / "client-state").resolve())
         return config
 
@@ -434,7 +472,7 @@ class Federation:
 
     def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         """Train the sampled clients and aggregate the usable replies."""
-        messages = list(self.strategy.configure_train(rnd, arrays, self._config(), self.grid))
+        messages = list(self.strategy.configure_train(rnd, arrays, self._config(rnd), self.grid))
         replies, failures = exchange(self.grid, messages, self.cfg.client_timeout,
                                      self.clients, "train")
         def screen(candidates: list[Message], values: bool) -> list[Message]:
@@ -453,15 +491,24 @@ class Federation:
         # finite only if every input is, so values are inspected only when the mean is not.
         usable = screen(replies, values=False)
         self._fail_if_too_few(rnd, len(usable), failures)
-        new_arrays, metrics = self.strategy.aggregate_train(rnd, usable)
+        # A client with nothing to learn from in this phase (e.g. a target-only client while
+        # ADDA trains on the source) replies with num-examples = 0: valid, but weightless.
+        idle = sum(m.content["metrics"]["num-examples"] == 0 for m in usable)
+        usable = [m for m in usable if m.content["metrics"]["num-examples"] > 0]
+
+        def aggregate(replies: list[Message]) -> tuple[ArrayRecord | None, Any]:
+            return self.strategy.aggregate_train(rnd, replies) if replies else (arrays, None)
+
+        new_arrays, metrics = aggregate(usable)
         if new_arrays is not None and not _finite(new_arrays):
             usable = screen(usable, values=True)
-            self._fail_if_too_few(rnd, len(usable), failures)
-            new_arrays, metrics = self.strategy.aggregate_train(rnd, usable)
+            self._fail_if_too_few(rnd, idle + len(usable), failures)
+            new_arrays, metrics = aggregate(usable)
         if new_arrays is None:
             raise RunFailed(f"round {rnd}: aggregation produced no model")
         record = {
             "clients_trained": len(usable),
+            **({"clients_idle": idle} if idle else {}),
             "train_loss": _clean(metrics.get("train-loss")) if metrics else None,
             "failures": failures,
             "bytes_sent": _bytes(arrays) * len(messages),
@@ -472,7 +519,7 @@ class Federation:
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict:
         """Score the global and personalized models on every client, and centrally."""
-        messages = list(self.strategy.configure_evaluate(rnd, arrays, self._config(), self.grid))
+        messages = list(self.strategy.configure_evaluate(rnd, arrays, self._config(rnd), self.grid))
         replies, failures = exchange(self.grid, messages, self.cfg.client_timeout,
                                      self.clients, "evaluate")
         if messages and not replies:
@@ -508,12 +555,19 @@ class Federation:
         self.progress.start(cfg.num_rounds)
         for rnd in range(first, cfg.num_rounds + 1):
             t0 = time.perf_counter()
+            phase = self.schedule[rnd - 1][0]
+            if phase.begin is not None and (rnd == 1 or self.schedule[rnd - 2][0] is not phase):
+                arrays = ArrayRecord(phase.begin(arrays.to_torch_state_dict()))
             arrays, train = self.train_round(rnd, arrays)
-            record: dict[str, Any] = {"round": rnd, "clients_trained": train["clients_trained"],
+            record: dict[str, Any] = {"round": rnd, "phase": phase.name,
+                                      "clients_trained": train["clients_trained"],
                                       "train_loss": train["train_loss"]}
+            if "clients_idle" in train:
+                record["clients_idle"] = train["clients_idle"]
             failures = (list(self.describe_failures) if rnd == first else []) + train["failures"]
             sent, received = train["bytes_sent"], train["bytes_received"]
-            record["evaluated"] = rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds
+            last_of_phase = rnd == cfg.num_rounds or self.schedule[rnd][0] is not phase
+            record["evaluated"] = rnd % cfg.eval_every == 0 or last_of_phase
             if record["evaluated"]:
                 evaluation = self.evaluate_round(rnd, arrays)
                 failures += evaluation.pop("failures")

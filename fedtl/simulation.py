@@ -42,10 +42,12 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.device.startswith("cuda") and not cuda:
         raise ConfigError(f"config key 'device' = {cfg.device!r}: no CUDA GPU is visible "
                           "(accepted: auto, cpu)")
-    federated_data(cfg)  # loads the files and builds the partition: their errors come now
     from fedtl.registry import TRAINERS
+    from fedtl.server_app import phase_schedule
 
+    federated_data(cfg)  # loads the files and builds the partition: their errors come now
     TRAINERS.get(cfg.trainer).preflight(cfg)  # e.g. a teacher that must load and fit
+    phase_schedule(cfg, TRAINERS.get(cfg.trainer)(cfg).phases())
 
 
 class TqdmProgress:
@@ -66,6 +68,8 @@ class TqdmProgress:
         if self.bar is None:
             return
         post = {}
+        if record.get("phase") not in (None, "train"):
+            post["phase"] = record["phase"]
         for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "pers"),
                            ("centralized_accuracy", "central"), ("probe_accuracy", "probe"),
                            ("knn_accuracy", "knn")):

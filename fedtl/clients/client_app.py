@@ -30,17 +30,17 @@ from fedtl.clients.state import ClientStateStore
 from fedtl.clients.trainers.base import Trainer
 from fedtl.clients.update_rule import ClientState, UpdateRule
 from fedtl.config import RunConfig, make_config
-from fedtl.data import ClientData, federated_data
+from fedtl.data import ClientData, dataset_spec, federated_data
 from fedtl.data.local import client_stats, local_client_data
 from fedtl.registry import DATASETS, STRATEGIES, TRAINERS
 
 # Keys the server adds to the run config in a message (not config keys themselves).
-MESSAGE_KEYS = ("server-round", "state-dir")
+MESSAGE_KEYS = ("server-round", "state-dir", "phase")
+# Client-state entry: the model parts a client keeps (not aggregated: Trainer.shared_keys;
+# or aggregated from the values the server sent: Trainer.local_prefixes)
+LOCAL_PARTS = "local-parts"
 
 app = ClientApp()
-
-# Client-state entry holding the model parts the server does not aggregate (Trainer.shared_keys)
-LOCAL_PARTS = "local-parts"
 
 _models: dict[tuple, tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]] = {}
 _threads_set = False
@@ -103,6 +103,9 @@ def _local_data(context: Context, cfg: RunConfig) -> ClientData:
     """The node's own data (``data-path``) or its simulated partition."""
     path = _data_path(context)
     if path is not None:
+        if cfg.target_dataset:
+            raise ValueError("domain adaptation (target-dataset) runs on simulated partitions; "
+                             "a SuperNode's own data (data-path) holds one domain only")
         pid = int(context.node_config.get("partition-id", -1))
         return local_client_data(path, cfg, pid)
     return federated_data(cfg).client(_partition(context, cfg))
@@ -118,11 +121,11 @@ def _models_for(cfg: RunConfig, trainer: Trainer, device: torch.device
                 ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]:
     """A working model, a scratch copy and the run's initial weights (seeded as the server's)
     of the parts the server does not aggregate (none for most trainers), built once per
-    process and run configuration (a trainer's extra parts, e.g. a projector, depend on more
-    keys than the model's)."""
+    process and run configuration (a trainer's extra parts, e.g. a projector or a domain head,
+    depend on more keys than the model's)."""
     key = (tuple(sorted(cfg.items())), str(device))
     if key not in _models:
-        spec = DATASETS.get(cfg.dataset)
+        spec = dataset_spec(cfg)
         model, scratch = trainer.build_model(spec).to(device), trainer.build_model(spec).to(device)
         local = set(model.state_dict()) - set(trainer.shared_keys(model))
         initial = ({k: v for k, v in trainer.build_model(spec, seed=cfg.seed).state_dict().items()
@@ -157,6 +160,21 @@ def _generator(cfg: RunConfig, server_round: int, client: int, purpose: int) -> 
     """A generator seeded by (seed, round, client, purpose): batches are reproducible."""
     seed = np.random.SeedSequence([cfg.seed, server_round, client, purpose])
     return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+
+
+def _trainer(cfg: RunConfig, msg: Message) -> Trainer:
+    """The run's trainer, told which round and phase ``msg`` belongs to."""
+    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    config = msg.content["config"]
+    trainer.begin(int(config["server-round"]), str(config.get("phase", "")))
+    return trainer
+
+
+def _load_local_prefixes(model: torch.nn.Module, trainer: Trainer, state: ClientState) -> None:
+    """Over the received global weights, load the parts (``local_prefixes``) this client keeps
+    for itself, e.g. DANN's per-client domain head."""
+    if trainer.local_prefixes() and LOCAL_PARTS in state:
+        model.load_state_dict(state[LOCAL_PARTS], strict=False)
 
 
 def _update_rule(cfg: RunConfig, trainer: Trainer, device: torch.device) -> UpdateRule:
@@ -218,11 +236,9 @@ def describe(msg: Message, context: Context) -> Message:
         fed = federated_data(cfg)
         stats = fed.client_stats()[_partition(context, cfg)]
         num_partitions = fed.num_clients
-    record = MetricRecord({
-        "partition-id": stats["partition-id"], "num-partitions": num_partitions,
-        "num-train": stats["num-train"], "num-val": stats["num-val"],
-        "num-test": stats["num-test"], "label-counts": stats["label-counts"],
-    })
+    # num-train / num-val / num-test / label-counts, and whatever else the data reports
+    # (a domain-adaptation client adds its target splits' sizes and labels)
+    record = MetricRecord({**stats, "num-partitions": num_partitions})
     return Message(RecordDict({"stats": record}), reply_to=msg)
 
 
@@ -234,9 +250,9 @@ def train(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     device = _device(cfg)
     data = _local_data(context, cfg)
-    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    trainer = _trainer(cfg, msg)
     model, _, initial = _models_for(cfg, trainer, device)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = trainer.server_round
     pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
     fault = injected_fault(cfg, server_round, pid)
     if fault == "raise":
@@ -246,11 +262,18 @@ def train(msg: Message, context: Context) -> Message:
     store = _state_store(msg, context, pid)
     state = store.load(before_round=server_round)
     _receive(model, msg, state, initial)
+    _load_local_prefixes(model, trainer, state)
     trainer.use_state(state, pid)  # a trainer's own state (a transfer set) is saved with it
     _seed_everything(cfg, server_round, pid, 0)
     rule = _update_rule(cfg, trainer, device)
     metrics = rule.train(model, data, _generator(cfg, server_round, pid, 0), state)
     weights = _shared_weights(model, trainer, state)
+    if prefixes := trainer.local_prefixes():
+        # keep this client's own parts; the server gets back the values it sent
+        state[LOCAL_PARTS] = {k: v.clone() for k, v in weights.items() if k.startswith(prefixes)}
+        received = msg.content["arrays"]
+        weights.update({k: torch.from_numpy(received[k].numpy()) for k in weights
+                        if k.startswith(prefixes)})
     store.save(server_round, state)
     if fault in ("nan", "inf", "shape"):
         weights = _corrupt(weights, fault)
@@ -272,15 +295,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     _setup_threads(cfg)
     device = _device(cfg)
     data = _local_data(context, cfg)
-    trainer = TRAINERS.get(cfg.trainer)(cfg)
+    trainer = _trainer(cfg, msg)
     model, scratch, initial = _models_for(cfg, trainer, device)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = trainer.server_round
     pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
     store = _state_store(msg, context, pid)
     state = store.load(before_round=server_round + 1)
     known = set(state)
     trainer.use_state(state, pid)
     _receive(model, msg, state, initial)
+    _load_local_prefixes(model, trainer, state)
     _seed_everything(cfg, server_round, pid, 1)
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),

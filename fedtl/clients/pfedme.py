@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtl.clients.update_rule import ClientState, UpdateRule
+from fedtl.clients.update_rule import ClientState, UpdateRule, lr_scale
 from fedtl.data import ClientData
 
 THETA = "pfedme-theta"
@@ -61,11 +61,14 @@ class PFedMeSolver(UpdateRule):
         batches = self._batches(data, generator)
         total = torch.zeros(())
         for _ in range(cfg.local_steps):
-            total += prox_steps(model, local_w, self.trainer, next(batches), cfg.inner_steps,
-                                cfg.personal_lr, cfg.pfedme_lambda, cfg.weight_decay).cpu()
+            batch = next(batches)
+            scale = lr_scale(self.trainer, batch)  # a trainer's schedule scales both rates
+            total += prox_steps(model, local_w, self.trainer, batch, cfg.inner_steps,
+                                cfg.personal_lr * scale, cfg.pfedme_lambda,
+                                cfg.weight_decay).cpu()
             with torch.no_grad():
                 for w, theta in zip(local_w, params):
-                    w.sub_(cfg.lr * cfg.pfedme_lambda * (w - theta))
+                    w.sub_(cfg.lr * scale * cfg.pfedme_lambda * (w - theta))
         state[THETA] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         with torch.no_grad():  # reply with w_i; buffers (BN statistics) come from theta's passes
             for p, w in zip(params, local_w):
@@ -85,6 +88,8 @@ class PFedMeSolver(UpdateRule):
         anchor = [p.detach().clone() for p in scratch.parameters() if p.requires_grad]
         batches = self._batches(data, generator)
         for _ in range(cfg.local_steps):
-            prox_steps(scratch, anchor, self.trainer, next(batches), cfg.inner_steps,
-                       cfg.personal_lr, cfg.pfedme_lambda, cfg.weight_decay)
+            batch = next(batches)
+            prox_steps(scratch, anchor, self.trainer, batch, cfg.inner_steps,
+                       cfg.personal_lr * lr_scale(self.trainer, batch), cfg.pfedme_lambda,
+                       cfg.weight_decay)
         return scratch

@@ -47,9 +47,16 @@ class UpdateRule(ABC):
         """
 
 
+def lr_scale(trainer: Trainer, batch) -> float:
+    """The trainer's learning-rate factor for ``batch`` (1 for a trainer without a schedule)."""
+    scale = getattr(trainer, "lr_scale", None)
+    return 1.0 if scale is None else float(scale(batch))
+
+
 def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: torch.Generator,
               steps: int, cfg: RunConfig, device: torch.device) -> float:
-    """``steps`` mini-batch SGD steps on the trainer's loss; returns the mean loss."""
+    """``steps`` mini-batch SGD steps on the trainer's loss (learning rate ``lr`` times the
+    trainer's ``lr_scale`` of each batch); returns the mean loss."""
     if steps == 0:
         return float("nan")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -58,8 +65,11 @@ def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: t
     batches = trainer.batches(data, generator, device)
     total = torch.zeros((), device=device)
     for _ in range(steps):
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_scale(trainer, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss = trainer.loss(model, next(batches))
+        loss = trainer.loss(model, batch)
         loss.backward()
         optimizer.step()
         total += loss.detach()

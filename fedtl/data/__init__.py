@@ -26,7 +26,8 @@ PARTITION_CACHE_VERSION = "1"
 DATA_KEYS = (
     "dataset", "data-dir", "partitioner", "alpha", "labels-per-client", "shards-per-client",
     "min-partition-size", "val-fraction", "test-fraction", "synthetic-alpha", "synthetic-beta",
-    "synthetic-min-samples", "num-clients", "seed",
+    "synthetic-min-samples", "num-clients", "seed", "target-dataset", "da-scenario",
+    "target-client-share", "photo-dir",
 )
 
 IMAGE_MODELS = ("cnn", "lenet5", "lenet5-half", "resnet18")
@@ -113,11 +114,20 @@ class FederatedData:
 
 
 def dataset_spec(cfg: RunConfig) -> DatasetSpec:
+    """The run's dataset; with a ``target-dataset``, the source/target pair in its shared
+    input shape (whose test set is the target domain's)."""
+    if cfg.target_dataset:
+        from fedtl.data.domain_shift import pair_spec
+
+        return pair_spec(cfg.dataset, cfg.target_dataset)
     return DATASETS.get(cfg.dataset)
 
 
 def check_compatible(cfg: RunConfig) -> None:
     """Checks that need the dataset's static facts (no loading). Raises ConfigError."""
+    from fedtl.data.domain_shift import check_domain_adaptation
+
+    check_domain_adaptation(cfg)
     spec = dataset_spec(cfg)
     if cfg.partitioner == "pathological" and cfg.labels_per_client > spec.num_classes:
         raise ConfigError(
@@ -191,6 +201,10 @@ def _build(key: tuple) -> FederatedData:
     from fedtl.config import make_config
 
     cfg = make_config(dict(zip(DATA_KEYS, key)))
+    if cfg.target_dataset:
+        from fedtl.data.domain_shift import build_domain_adaptation
+
+        return build_domain_adaptation(cfg)
     spec = dataset_spec(cfg)
     source = spec.load(cfg)
     cache = _cache_file(key, source)
@@ -213,6 +227,9 @@ def _build(key: tuple) -> FederatedData:
 
 
 def federated_data(cfg: RunConfig) -> FederatedData:
-    """The dataset of ``cfg`` partitioned across its clients; cached per process."""
+    """The dataset of ``cfg`` partitioned across its clients; cached per process.
+
+    With a ``target-dataset`` it is a ``DomainAdaptationData`` (same interface; each client
+    holds source and target splits, see ``fedtl.data.domain_shift``)."""
     check_compatible(cfg)
     return _build(_data_key(cfg))

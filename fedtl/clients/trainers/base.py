@@ -8,8 +8,9 @@ batch gives. Methods with extra parts (a domain head, a teacher, a projector) ow
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,6 +40,21 @@ def batch_stream(split: Split, batch_size: int, generator: torch.Generator,
             yield x[idx], y[idx]
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of ``rounds`` federated rounds that the server drives with its own messages.
+
+    ``config`` overrides run-config keys in this phase's train and evaluate messages (e.g. a
+    learning rate); ``begin`` maps the global model's state dict when the phase starts (e.g.
+    ADDA's target encoder initialised from the source encoder).
+    """
+
+    name: str
+    rounds: int
+    config: Mapping[str, Any] = field(default_factory=dict)
+    begin: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+
 class Trainer(ABC):
     """A client-side local objective.
 
@@ -46,14 +62,25 @@ class Trainer(ABC):
     backbone plus a domain head) and how a client scores a model (``evaluate``): the scores
     named ``val`` and ``test`` are the headline figures and drive model selection; any other
     name (e.g. ``source-test``) is reported beside them.
+
+    Optional parts, all with neutral defaults: ``phases`` (the server runs them in order),
+    ``begin`` (the client says which round and phase a message belongs to), ``lr_scale``
+    (a per-batch factor on the update rule's learning rates), ``num_examples`` (the weight of
+    the client's reply), ``local_prefixes`` (state-dict entries that stay on the client) and
+    ``summary_aliases`` (extra names for summary figures).
     """
 
     # True for trainers whose clients do long work of their own (e.g. synthesising a transfer
     # set) and report it on stderr: the simulation then forwards the clients' output.
     shows_client_progress = False
 
+    needs_target: ClassVar[bool] = False  # reads a target domain (``target-dataset``)
+    summary_aliases: ClassVar[Mapping[str, str]] = {}  # summary name -> round-record name
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.server_round = 1
+        self.phase = ""
         # The client's persistent state (fedtl.clients.state.ClientStateStore: on the client's
         # disk, versioned by round), bound by the client app: a trainer may keep named state
         # dicts there (a synthetic transfer set, a generator) beside the update rule's.
@@ -79,6 +106,25 @@ class Trainer(ABC):
     def num_examples(self, data: ClientData) -> int:
         """How many samples this client's update stands for (FedAvg's averaging weight)."""
         return len(data.train)
+
+    def phases(self) -> list[Phase]:
+        """The phases of the run, in order; their rounds add up to ``num-rounds``."""
+        return [Phase("train", self.cfg.num_rounds)]
+
+    def begin(self, server_round: int, phase: str = "") -> None:
+        """Called by the client before it trains or evaluates for ``server_round``."""
+        self.server_round = server_round
+        self.phase = phase
+
+    def lr_scale(self, batch: Any) -> float:
+        """Factor on the learning rates of the step that uses ``batch`` (1: no schedule)."""
+        return 1.0
+
+    def local_prefixes(self) -> tuple[str, ...]:
+        """State-dict name prefixes that each client keeps for itself: the server's values
+        for them are replaced by the client's own before training and evaluation, and the
+        client replies with the values it received."""
+        return ()
 
     def build_model(self, spec: DatasetSpec, seed: int | None = None) -> nn.Module:
         """The model this trainer trains: by default the run's ``model`` for the dataset."""
