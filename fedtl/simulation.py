@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -112,24 +113,42 @@ def quiet_environment() -> None:
 def _pending_message_pump(state, queue, nodes_mapping, f_stop) -> None:
     """Flower 1.42's ``vce_api.add_messages_to_queue`` without its cost per node.
 
-    Flower's loop asks the link state for each registered node's next message, every 0.1 s;
-    each ask scans all stored messages, so a scan costs nodes x messages and a message waits
-    up to 0.1 s to be picked up. This version takes one pass over the stored messages to find
-    the nodes that have one pending and asks only those (the same ``get_message_ins`` call,
-    one message per node per pass), polling every 2 ms while messages are waiting. Delivery
-    semantics are unchanged; the cost no longer grows with the number of clients.
+    Flower's loop asks the link state for each registered node's next message
+    (``get_message_ins``) every 0.1 s; each ask scans all stored messages, so a pass costs
+    nodes x messages, and a message waits up to 0.1 s to be picked up. This version does
+    what those asks do in ONE scan: under the state's lock, expire what
+    ``_check_stored_messages`` expires, take each node's first undelivered message (one per
+    node per pass, as ``limit=1`` does), mark it delivered, and queue it. Delivery semantics
+    are unchanged; a pass costs the number of stored messages, and the loop sleeps at least
+    twice as long as its pass took (2 ms minimum) so it never starves the rest of the process.
     """
+    from flwr.supercore.date import now  # the link state's own clock
+
     nodes = set(nodes_mapping)
     store = state.message_ins_store
     lock = getattr(state, "lock", contextlib.nullcontext())
+    check = getattr(state, "_check_stored_messages", None)
     while not f_stop.is_set():
+        started = time.perf_counter()
+        taken: dict[int, object] = {}
         with lock:
-            pending = {m.metadata.dst_node_id for m in store.values()
-                       if m.metadata.delivered_at == "" and m.metadata.dst_node_id in nodes}
-        for node_id in pending:
-            for msg in state.get_message_ins(node_id=node_id, limit=1):
-                queue.put(msg)
-        f_stop.wait(0.002 if pending else 0.01)
+            for msg_id in list(store.keys()):
+                if check is not None:
+                    check({msg_id})
+                msg = store.get(msg_id)
+                if msg is None:
+                    continue
+                meta = msg.metadata
+                if meta.delivered_at == "" and meta.dst_node_id in nodes \
+                        and meta.dst_node_id not in taken:
+                    taken[meta.dst_node_id] = msg
+            delivered_at = now().isoformat()
+            for msg in taken.values():
+                msg.metadata.delivered_at = delivered_at
+        for msg in taken.values():
+            queue.put(msg)
+        elapsed = time.perf_counter() - started
+        f_stop.wait(max(0.002 if taken or store else 0.01, 2 * elapsed))
 
 
 @contextlib.contextmanager
