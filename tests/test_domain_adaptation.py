@@ -276,7 +276,7 @@ def test_domain_adaptation_config_errors(values, fragment):
 
 
 def test_bad_scenario_and_missing_files_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="accepted: shared-target, split, domain-per-client"):
+    with pytest.raises(ConfigError, match="must be one of 'shared-target', 'split', 'domain-per-client'"):
         make_config({**DA, "da-scenario": "mixed"})
     with pytest.raises(ConfigError, match="unknown dataset"):
         make_config({**DA, "target-dataset": "mnistm"})
