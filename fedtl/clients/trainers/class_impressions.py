@@ -19,12 +19,10 @@ from torch import nn
 from fedtl.clients.trainers.data_free import (
     TransferSetTrainer,
     balanced_classes,
-    progress_bar,
     random_affine,
+    synthesise_inputs,
 )
 from fedtl.data.datasets import DatasetSpec
-
-GROUP = 256  # images optimised together (they do not interact: each has its own loss)
 
 
 def class_impressions(teacher: nn.Module, classes: torch.Tensor, input_shape: tuple[int, ...],
@@ -33,26 +31,15 @@ def class_impressions(teacher: nn.Module, classes: torch.Tensor, input_shape: tu
                       desc: str = "class impressions") -> torch.Tensor:
     """One image per entry of ``classes``: noise in ``bounds`` after ``steps`` Adam steps of
     ascent on the teacher's logit of that class under random jitter / rotation / scale."""
-    lo, hi = bounds
-    out = []
-    with progress_bar(steps * -(-len(classes) // GROUP), desc) as bar:
-        for start in range(0, len(classes), GROUP):
-            c = classes[start:start + GROUP].to(device)
-            noise = torch.rand((len(c), *input_shape), generator=generator).to(device)
-            x = (lo + (hi - lo) * noise).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=lr)
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                seen = random_affine(x, generator, shift_px=2.0, degrees=5.0,
-                                     scale=(0.95, 1.05), fill=lo)
-                logit = teacher(seen).gather(1, c[:, None])
-                (-logit.sum()).backward()  # each image its own ascent (sum, not mean)
-                opt.step()
-                with torch.no_grad():
-                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-                bar.update(1)
-            out.append(x.detach())
-    return torch.cat(out)
+    lo = bounds[0]
+
+    def loss(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        seen = random_affine(x, generator, shift_px=2.0, degrees=5.0, scale=(0.95, 1.05),
+                             fill=lo)
+        return -teacher(seen).gather(1, c[:, None]).sum()  # each image its own ascent
+
+    return synthesise_inputs(classes, loss, input_shape, steps, lr, bounds, generator, device,
+                             desc)
 
 
 class ClassImpressionsTrainer(TransferSetTrainer):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -101,6 +101,36 @@ def progress_bar(total: int, desc: str):
                     mininterval=2.0, leave=False)
     return tqdm(total=total, desc=desc, file=_Lines(sys.stderr), ncols=80, mininterval=10.0,
                 ascii=True)
+
+
+SYNTHESIS_GROUP = 256  # inputs optimised together (they do not interact: each has its own loss)
+
+
+def synthesise_inputs(targets: torch.Tensor, loss: Callable[[torch.Tensor, torch.Tensor],
+                                                            torch.Tensor],
+                      input_shape: tuple[int, ...], steps: int, lr: float,
+                      bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
+                      device: torch.device | str, desc: str) -> torch.Tensor:
+    """One input per entry of ``targets``: uniform noise in ``bounds`` after ``steps`` Adam
+    steps on ``loss(x, targets_of_x)`` (summed over the group, so each input follows its own
+    loss), clipped to ``bounds`` after every step; groups of ``SYNTHESIS_GROUP``."""
+    lo, hi = bounds
+    out = []
+    with progress_bar(steps * -(-len(targets) // SYNTHESIS_GROUP), desc) as bar:
+        for start in range(0, len(targets), SYNTHESIS_GROUP):
+            t = targets[start:start + SYNTHESIS_GROUP].to(device)
+            noise = torch.rand((len(t), *input_shape), generator=generator).to(device)
+            x = (lo + (hi - lo) * noise).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=lr)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss(x, t).backward()
+                opt.step()
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                bar.update(1)
+            out.append(x.detach())
+    return torch.cat(out)
 
 
 class DataFreeTrainer(DistillationTrainer):

@@ -24,7 +24,7 @@ from torch import nn
 from fedtl.clients.trainers.data_free import (
     TransferSetTrainer,
     balanced_classes,
-    progress_bar,
+    synthesise_inputs,
 )
 from fedtl.clients.trainers.teacher import classifier
 from fedtl.data.datasets import DatasetSpec
@@ -32,7 +32,6 @@ from fedtl.data.datasets import DatasetSpec
 TEMPERATURE = 20.0  # the paper's softmax temperature for matching soft labels
 BETAS = (1.0, 0.1)  # the paper's two Dirichlet scales, half of each class's impressions each
 EPS = 1e-4
-GROUP = 256
 
 
 def class_similarity(weight: torch.Tensor) -> torch.Tensor:
@@ -77,24 +76,12 @@ def data_impressions(teacher: nn.Module, soft_labels: torch.Tensor,
                      desc: str = "data impressions") -> torch.Tensor:
     """One image per soft label: uniform noise in ``bounds`` after ``steps`` Adam steps on
     CE(y, softmax(teacher(x) / 20)), clipped to ``bounds`` after each step."""
-    lo, hi = bounds
-    out = []
-    with progress_bar(steps * -(-len(soft_labels) // GROUP), desc) as bar:
-        for start in range(0, len(soft_labels), GROUP):
-            y = soft_labels[start:start + GROUP].to(device)
-            noise = torch.rand((len(y), *input_shape), generator=generator).to(device)
-            x = (lo + (hi - lo) * noise).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=lr)
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                log_p = F.log_softmax(teacher(x) / TEMPERATURE, dim=1)
-                (-(y * log_p).sum()).backward()  # each impression its own loss (sum)
-                opt.step()
-                with torch.no_grad():
-                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-                bar.update(1)
-            out.append(x.detach())
-    return torch.cat(out)
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(teacher(x) / TEMPERATURE, dim=1)
+        return -(y * log_p).sum()  # each impression its own loss (sum)
+
+    return synthesise_inputs(soft_labels, loss, input_shape, steps, lr, bounds, generator,
+                             device, desc)
 
 
 class ZSKDTrainer(TransferSetTrainer):
