@@ -25,3 +25,15 @@ def flwr_home(tmp_path, monkeypatch):
 def _private_cache(tmp_path_factory):
     """Partitions computed by tests go to a temporary cache, not the user's ~/.cache."""
     os.environ["FEDTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtl-cache"))
+
+
+@pytest.fixture
+def task_identity():
+    """Messages need a run id; a ServerApp process has one. For tests that build Messages
+    outside a Flower process (in-process grids)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 from sklearn.datasets import load_digits
 
 from fedtl.clients.client_app import app as client_app
@@ -129,13 +128,7 @@ def sites(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need a run id; a ServerApp process has one."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _cfg(tmp_path, **values):

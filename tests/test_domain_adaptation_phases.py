@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 from test_deploy import InProcessGrid
 
 from fedtl.config import make_config
@@ -18,13 +17,7 @@ DA = {"trainer": "adda", "target-dataset": "digits-m", "model": "dnn", "num-clie
       "finetune-steps": 2, "eval-every": 4, "lr": 0.05}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need a run id; a ServerApp process has one."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _grid(n: int) -> InProcessGrid:
