@@ -225,18 +225,6 @@ def _corrupt(arrays: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tens
     return out
 
 
-_stats_of: list = [None, None]  # [federation, its client stats]
-
-
-def _all_client_stats(fed) -> list[dict]:
-    """Every partition's statistics, computed once per process and federation (an actor
-    describes thousands of virtual clients; computing all of them per call was quadratic).
-    Holding the federation itself (not its id) rules out a stale match."""
-    if _stats_of[0] is not fed:
-        _stats_of[:] = [fed, fed.client_stats()]
-    return _stats_of[1]
-
-
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Report split sizes and label counts (never samples)."""
@@ -246,7 +234,7 @@ def describe(msg: Message, context: Context) -> Message:
         num_partitions = cfg.num_clients
     else:
         fed = federated_data(cfg)
-        stats = _all_client_stats(fed)[_partition(context, cfg)]
+        stats = fed.stats_of(_partition(context, cfg))
         num_partitions = fed.num_clients
     # num-train / num-val / num-test / label-counts, and whatever else the data reports
     # (a domain-adaptation client adds its target splits' sizes and labels)

@@ -65,8 +65,22 @@ class ClientData:
         return Split(self.train.x[idx], self.train.y[idx])
 
 
+class ClientStatsOnce:
+    """``stats_of(pid)``: ``client_stats()[pid]``, every client's computed once per object (an
+    actor describes thousands of virtual clients of the same federation)."""
+
+    def client_stats(self) -> list[dict]:
+        raise NotImplementedError
+
+    def stats_of(self, partition_id: int) -> dict:
+        cached = self.__dict__.get("_client_stats")
+        if cached is None:
+            cached = self.__dict__["_client_stats"] = self.client_stats()
+        return cached[partition_id]
+
+
 @dataclass
-class FederatedData:
+class FederatedData(ClientStatsOnce):
     """A dataset partitioned across clients."""
 
     spec: DatasetSpec

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtl.config import ConfigError, RunConfig
-from fedtl.data import ClientData, Split
+from fedtl.data import ClientData, ClientStatsOnce, Split
 from fedtl.data.datasets import ArrayDataset, DatasetSpec, Source
 from fedtl.data.partition import ClientSplit, iid_partition, label_counts, split_client
 from fedtl.registry import DATASETS, PARTITIONERS, TRAINERS
@@ -380,7 +380,7 @@ def scenario_parts(cfg: RunConfig, source_labels: np.ndarray, target_labels: np.
 
 
 @dataclass
-class DomainAdaptationData:
+class DomainAdaptationData(ClientStatsOnce):
     """A source and a target domain spread across clients (``FederatedData``'s interface)."""
 
     spec: DatasetSpec
