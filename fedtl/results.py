@@ -65,6 +65,53 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.strategy}-{cfg.dataset}-{cfg.partitioner}-{stamp}"
 
 
+class RoundWriter:
+    """Writes each finished round to a run directory on a background thread: its checkpoint,
+    then its line in rounds.jsonl (in that order, as before), then its timing. The
+    serialisation and the two fsyncs (about 2 ms on this machine's disk, far more on slow or network disks) then
+    overlap the next round instead of delaying it.
+
+    ``write`` first waits for the previous round's writes (raising their error, e.g. a full
+    disk), so at most the newest round is in flight: a run killed then resumes from the round
+    before it, and every draw derives from (seed, round, client), so the redone round is
+    identical. ``close`` waits for the last one.
+    """
+
+    def __init__(self, run_dir: RunDirectory):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run_dir = run_dir
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedtl-round-writer")
+        self._pending = None
+
+    def write(self, record: Mapping[str, Any], timing: Mapping[str, Any],
+              arrays: Mapping[str, Any], rounds: list[Mapping[str, Any]],
+              config: Mapping[str, Any], wall_seconds: float) -> None:
+        """Checkpoint after ``record``'s round (``rounds`` ends with it), then append it to
+        rounds.jsonl and ``timing`` to timings.jsonl. The caller must not modify ``arrays``
+        or the records afterwards."""
+        self.wait()
+        self._pending = self._pool.submit(self._write, record, timing, arrays, list(rounds),
+                                          dict(config), wall_seconds)
+
+    def _write(self, record, timing, arrays, rounds, config, wall_seconds) -> None:
+        # checkpoint first: it holds every round's record, so rounds.jsonl can be rebuilt
+        self.run_dir.save_checkpoint(record["round"], arrays, rounds, config, wall_seconds)
+        self.run_dir.append_round(record)
+        self.run_dir.append_timing(timing)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+
 class RunDirectory:
     """Writes (and reads back) the files of one run."""
 

@@ -32,7 +32,7 @@ from fedtl.config import ConfigError, RunConfig, make_config
 from fedtl.data import Split, dataset_spec
 from fedtl.evaluation import pooled, spread
 from fedtl.registry import STRATEGIES, TRAINERS
-from fedtl.results import RunDirectory
+from fedtl.results import RoundWriter, RunDirectory
 from fedtl.strategies import held_out_partitions
 
 log = logging.getLogger("fedtl")
@@ -565,6 +565,15 @@ class Federation:
         cfg = self.cfg
         first = rounds[-1]["round"] + 1 if rounds else 1
         self.progress.start(cfg.num_rounds)
+        writer = RoundWriter(self.run_dir)
+        try:
+            return self._rounds(arrays, rounds, started, wall_offset, first, writer)
+        finally:
+            writer.close()  # the last round is on disk before anything else is written
+
+    def _rounds(self, arrays: ArrayRecord, rounds: list[dict], started: float,
+                wall_offset: float, first: int, writer: RoundWriter) -> ArrayRecord:
+        cfg = self.cfg
         for rnd in range(first, cfg.num_rounds + 1):
             t0 = time.perf_counter()
             phase = self.schedule[rnd - 1][0]
@@ -591,12 +600,9 @@ class Federation:
             record = {k: _clean(v) for k, v in record.items()}
             rounds.append(record)
             wall = wall_offset + time.perf_counter() - started
-            # checkpoint first: it holds every round's record, so rounds.jsonl can be rebuilt
-            self.run_dir.save_checkpoint(rnd, arrays.to_torch_state_dict(), rounds, dict(cfg),
-                                         wall)
-            self.run_dir.append_round(record)
-            self.run_dir.append_timing({"round": rnd, "round_seconds": time.perf_counter() - t0,
-                                        "wall_seconds": wall, "time": time.time()})
+            timing = {"round": rnd, "round_seconds": time.perf_counter() - t0,
+                      "wall_seconds": wall, "time": time.time()}
+            writer.write(record, timing, arrays.to_torch_state_dict(), rounds, dict(cfg), wall)
             self.progress.update(record)
         return arrays
 

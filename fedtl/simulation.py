@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -121,6 +122,8 @@ def _pending_message_pump(state, queue, nodes_mapping, f_stop) -> None:
     node per pass, as ``limit=1`` does), mark it delivered, and queue it. Delivery semantics
     are unchanged; a pass costs the number of stored messages, and the loop sleeps at least
     twice as long as its pass took (2 ms minimum) so it never starves the rest of the process.
+    A message the server stores wakes it at once (Flower's loop, and this one before, found a
+    round's messages up to 0.1 s, resp. 10 ms, late when the store had been empty).
     """
     from flwr.supercore.date import now  # the link state's own clock
 
@@ -128,7 +131,17 @@ def _pending_message_pump(state, queue, nodes_mapping, f_stop) -> None:
     store = state.message_ins_store
     lock = getattr(state, "lock", contextlib.nullcontext())
     check = getattr(state, "_check_stored_messages", None)
+    wake = threading.Event()
+    store_message_ins = state.store_message_ins
+
+    def store_and_wake(*args, **kwargs):
+        stored = store_message_ins(*args, **kwargs)
+        wake.set()
+        return stored
+
+    state.store_message_ins = store_and_wake  # this state object only, for this run
     while not f_stop.is_set():
+        wake.clear()
         started = time.perf_counter()
         taken: dict[int, object] = {}
         with lock:
@@ -148,7 +161,7 @@ def _pending_message_pump(state, queue, nodes_mapping, f_stop) -> None:
         for msg in taken.values():
             queue.put(msg)
         elapsed = time.perf_counter() - started
-        f_stop.wait(max(0.002 if taken or store else 0.01, 2 * elapsed))
+        wake.wait(max(0.002 if taken or store else 0.01, 2 * elapsed))
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedtl.config import make_config
 from fedtl.data import federated_data
@@ -105,6 +106,26 @@ def test_client_tensors_match_split_sizes():
     data = fed.client(2)
     assert len(data.train) == len(fed.splits[2].train)
     assert data.train.x.dtype.is_floating_point and data.train.x.shape[1:] == (1, 8, 8)
+
+
+def test_client_tensors_are_kept_per_process_within_a_byte_budget(monkeypatch):
+    from fedtl import data as fdata
+
+    fed = fdata._build.__wrapped__(fdata._data_key(make_config({"num-clients": 6})))
+    first = fed.client(1)
+    assert fed.client(1) is first  # materialised once
+    size = sum(t.nelement() * t.element_size() for t in fdata._tensors(first))
+    assert size > 0
+    monkeypatch.setattr(fdata, "CLIENT_CACHE_BYTES", int(2.5 * size))
+    fed = fdata._build.__wrapped__(fdata._data_key(make_config({"num-clients": 6})))
+    a, b, c = fed.client(0), fed.client(1), fed.client(2)  # three do not fit: 0 is dropped
+    assert fed.client(2) is c and fed.client(1) is b
+    again = fed.client(0)
+    assert again is not a and all(torch.equal(x, y) for x, y in
+                                  zip(fdata._tensors(again), fdata._tensors(a)))
+    monkeypatch.setattr(fdata, "CLIENT_CACHE_BYTES", 0)
+    fed = fdata._build.__wrapped__(fdata._data_key(make_config({"num-clients": 6})))
+    assert fed.client(3) is not fed.client(3)  # over the budget: never kept
 
 
 def test_partitions_are_cached_on_disk_and_a_bad_cache_file_is_recomputed(tmp_path, monkeypatch):

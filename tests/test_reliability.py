@@ -154,6 +154,34 @@ def test_checkpoint_must_match_the_config(tmp_path):
         run_dir.load_checkpoint(dict(cfg.replace(kd_temperature=9.0)))
 
 
+def test_round_writer_writes_in_order_and_reports_a_failed_write(tmp_path, monkeypatch):
+    from fedtl.results import RoundWriter
+
+    cfg = make_config({"model": "mlr"})
+    run_dir = RunDirectory.create(cfg, tmp_path / "run")
+    writer = RoundWriter(run_dir)
+    rounds = []
+    for rnd in (1, 2):
+        rounds.append({"round": rnd})
+        writer.write(rounds[-1], {"round": rnd, "round_seconds": 0.1}, {"w": torch.full((2,), rnd)},
+                     rounds, dict(cfg), float(rnd))
+    writer.wait()
+    assert run_dir.rounds() == rounds
+    assert run_dir.load_checkpoint(dict(cfg))["round"] == 2
+    assert len((run_dir.path / "timings.jsonl").read_text().splitlines()) == 2
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_dir, "save_checkpoint", full)
+    rounds.append({"round": 3})
+    writer.write(rounds[-1], {"round": 3}, {"w": torch.zeros(2)}, rounds, dict(cfg), 3.0)
+    with pytest.raises(OSError, match="No space left"):  # the next write reports it
+        writer.write({"round": 4}, {"round": 4}, {"w": torch.zeros(2)}, rounds, dict(cfg), 4.0)
+    writer.close()
+    assert [r["round"] for r in run_dir.rounds()] == [1, 2]  # no record without its checkpoint
+
+
 @pytest.mark.e2e
 def test_full_disk_gives_one_clear_message_and_keeps_finished_rounds(tmp_path, monkeypatch,
                                                                       capsys):

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +80,42 @@ class ClientStatsOnce:
         return cached[partition_id]
 
 
+# Bytes of materialised client splits a federation object keeps per process (see CachedClients)
+CLIENT_CACHE_BYTES = 64 * 2**20
+
+
+class CachedClients:
+    """``client(pid)``: ``_materialise(pid)``, the most recently used clients' tensors kept up
+    to ``CLIENT_CACHE_BYTES`` per object. An actor serving a small federation then gathers
+    and normalises each client's samples once instead of at every message (for small models
+    that was a tenth of a client's round); in a large one, clients whose data does not fit are
+    simply materialised again. Callers must not modify the returned tensors in place."""
+
+    def _materialise(self, partition_id: int):
+        raise NotImplementedError
+
+    def client(self, partition_id: int):
+        cache = self.__dict__.setdefault("_clients", OrderedDict())
+        if partition_id in cache:
+            cache.move_to_end(partition_id)
+            return cache[partition_id][0]
+        data = self._materialise(partition_id)
+        size = sum(t.element_size() * t.nelement() for t in _tensors(data))
+        if size <= CLIENT_CACHE_BYTES:
+            cache[partition_id] = (data, size)
+            total = sum(n for _, n in cache.values())
+            while total > CLIENT_CACHE_BYTES:
+                total -= cache.popitem(last=False)[1][1]
+        return data
+
+
+def _tensors(data) -> list[torch.Tensor]:
+    return [t for value in vars(data).values() if isinstance(value, Split)
+            for t in (value.x, value.y)]
+
+
 @dataclass
-class FederatedData(ClientStatsOnce):
+class FederatedData(ClientStatsOnce, CachedClients):
     """A dataset partitioned across clients."""
 
     spec: DatasetSpec
@@ -91,8 +126,8 @@ class FederatedData(ClientStatsOnce):
     def num_clients(self) -> int:
         return len(self.splits)
 
-    def client(self, partition_id: int) -> ClientData:
-        """Client ``partition_id``'s splits, materialised as tensors."""
+    def _materialise(self, partition_id: int) -> ClientData:
+        """Client ``partition_id``'s splits, materialised as tensors (``client(pid)``)."""
         if not 0 <= partition_id < len(self.splits):
             raise ValueError(
                 f"partition-id {partition_id} is outside 0..{len(self.splits) - 1}"

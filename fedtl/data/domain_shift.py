@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtl.config import ConfigError, RunConfig
-from fedtl.data import ClientData, ClientStatsOnce, Split
+from fedtl.data import CachedClients, ClientData, ClientStatsOnce, Split
 from fedtl.data.datasets import ArrayDataset, DatasetSpec, Source
 from fedtl.data.partition import ClientSplit, iid_partition, label_counts, split_client
 from fedtl.registry import DATASETS, PARTITIONERS, TRAINERS
@@ -380,7 +380,7 @@ def scenario_parts(cfg: RunConfig, source_labels: np.ndarray, target_labels: np.
 
 
 @dataclass
-class DomainAdaptationData(ClientStatsOnce):
+class DomainAdaptationData(ClientStatsOnce, CachedClients):
     """A source and a target domain spread across clients (``FederatedData``'s interface)."""
 
     spec: DatasetSpec
@@ -393,8 +393,9 @@ class DomainAdaptationData(ClientStatsOnce):
     def num_clients(self) -> int:
         return len(self.source_splits)
 
-    def client(self, partition_id: int) -> DomainClientData:
-        """Client ``partition_id``'s source and target splits, as tensors in the shared shape."""
+    def _materialise(self, partition_id: int) -> DomainClientData:
+        """Client ``partition_id``'s source and target splits, as tensors in the shared shape
+        (``client(pid)``)."""
         if not 0 <= partition_id < self.num_clients:
             raise ValueError(f"partition-id {partition_id} is outside 0..{self.num_clients - 1}")
 
