@@ -37,14 +37,11 @@ COMMON = {
 
 SHIFTS = {
     "mnist-mnistm": {"dataset": "mnist", "target-dataset": "mnist-m", "num-rounds": 30,
-                     "local-steps": 20, "lr": 0.05, "adda-source-rounds": 15,
-                     "adda-adapt-lr": 0.01},
+                     "local-steps": 20, "lr": 0.05, "adda-source-rounds": 15},
     "digits-mnist": {"dataset": "digits", "target-dataset": "mnist", "num-rounds": 30,
-                     "local-steps": 10, "lr": 0.05, "adda-source-rounds": 15,
-                     "adda-adapt-lr": 0.01},
+                     "local-steps": 10, "lr": 0.05, "adda-source-rounds": 15},
     "mnist-digits": {"dataset": "mnist", "target-dataset": "digits", "num-rounds": 30,
-                     "local-steps": 10, "lr": 0.05, "adda-source-rounds": 15,
-                     "adda-adapt-lr": 0.01},
+                     "local-steps": 10, "lr": 0.05, "adda-source-rounds": 15},
 }
 
 METHODS = ("source-only", "dann", "adda", "target-oracle")

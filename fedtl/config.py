@@ -156,7 +156,11 @@ _KEYS: list[Key] = [
     Key("batch-size", 32, "mini-batch size", "federation", _at_least(1)),
     Key("lr", 0.05, "client learning rate (pFedMe: eta, the local w-update rate)", "federation",
         _positive),
-    Key("momentum", 0.0, "client SGD momentum (FedAvg local SGD and fine-tuning)", "federation",
+    Key("optimizer", "sgd", "client optimizer of local training and fine-tuning steps (sgd: "
+        "momentum, weight-decay; adam: beta1 = momentum, beta2 = 0.999, weight-decay)",
+        "federation", _one_of("sgd", "adam")),
+    Key("momentum", 0.0, "client SGD momentum (FedAvg local SGD and fine-tuning); Adam's beta1 "
+        "with optimizer = adam", "federation",
         lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     Key("weight-decay", 0.0, "client L2 weight decay", "federation", _non_negative),
     Key("seed", 0, "seed for partitions, splits, sampling, initialisation and batches",
@@ -229,10 +233,12 @@ _KEYS: list[Key] = [
         "domain adaptation"),
     Key("adda-source-rounds", 10, "adda: rounds of stage 1 (source training); the rest of "
         "num-rounds adapt the target encoder", "domain adaptation", _at_least(1)),
-    Key("adda-adapt-lr", 0.01, "adda: client learning rate in stage 2 (target encoder and "
-        "discriminator)", "domain adaptation", _positive),
-    Key("adda-adapt-momentum", 0.5, "adda: client SGD momentum in stage 2 (the paper's Adam "
-        "uses beta1 = 0.5)", "domain adaptation",
+    Key("adda-adapt-optimizer", "adam", "adda: client optimizer in stage 2 (the paper's Adam; "
+        "sgd accepted)", "domain adaptation", _one_of("adam", "sgd")),
+    Key("adda-adapt-lr", 0.0002, "adda: client learning rate in stage 2 (target encoder and "
+        "discriminator; the paper's 2e-4)", "domain adaptation", _positive),
+    Key("adda-adapt-momentum", 0.5, "adda: momentum in stage 2: Adam's beta1 (the paper's 0.5) "
+        "or SGD's momentum", "domain adaptation",
         lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     # --- Ditto ---------------------------------------------------------------------------
     Key("ditto-lambda", 0.1, "Ditto: proximal weight lambda pulling the personal model v_i "
@@ -422,6 +428,19 @@ def make_config(
                 f"{held_out} of num-clients={merged['num-clients']}; it must hold out at least "
                 "one client and leave at least one to train"
             )
+    if merged["strategy"] == "pfedme" and merged["optimizer"] != "sgd":
+        raise ConfigError(
+            f"config key 'optimizer' = {merged['optimizer']!r}: pFedMe's clients run the "
+            "paper's own solver (lr, personal-lr, pfedme-lambda), not a torch optimizer "
+            "(accepted with strategy = 'pfedme': 'sgd')"
+        )
+    if (merged["strategy"] == "pfedme" and merged["trainer"] == "adda"
+            and merged["adda-adapt-optimizer"] != "sgd"):
+        raise ConfigError(
+            f"config key 'adda-adapt-optimizer' = {merged['adda-adapt-optimizer']!r}: with "
+            "strategy = 'pfedme' ADDA's stage 2 runs pFedMe's solver; set "
+            "adda-adapt-optimizer=sgd and an adda-adapt-lr for it (e.g. 0.01)"
+        )
     if (merged["fault-rate"] > 0 and "timeout" in merged["fault-kinds"]
             and merged["client-timeout"] > 300):
         raise ConfigError(

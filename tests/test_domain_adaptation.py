@@ -301,7 +301,7 @@ def test_adda_phases_and_target_encoder_initialisation():
     cfg, trainer, model = _adda("adapt")
     phases = trainer.phases()
     assert [(p.name, p.rounds) for p in phases] == [("source", 2), ("adapt", 2)]
-    assert phases[1].config == {"lr": cfg.adda_adapt_lr, "momentum": cfg.adda_adapt_momentum}
+    assert phases[1].config == {"optimizer": "adam", "lr": 0.0002, "momentum": 0.5}  # paper
     state = {k: v.clone() for k, v in model.state_dict().items()}
     first = next(k for k in state if k.startswith("encoder."))
     state[first] += 1.0  # the trained source encoder differs from its initialisation
@@ -389,3 +389,23 @@ def test_dann_batch_without_target_still_trains_the_domain_head():
     loss = trainer.loss(model, DomainBatch(x, torch.zeros(4, dtype=torch.long), None, 0.5))
     loss.backward()
     assert model.domain_head[0].weight.grad is not None
+
+
+def test_local_optimizer_is_sgd_or_adam_with_momentum_as_beta1():
+    from fedtl.clients.update_rule import local_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = local_optimizer(params, make_config({"lr": 0.1, "momentum": 0.9}))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    adam = local_optimizer(params, make_config({"optimizer": "adam", "lr": 2e-4, "momentum": 0.5}))
+    assert isinstance(adam, torch.optim.Adam)
+    assert adam.defaults["betas"] == (0.5, 0.999) and adam.defaults["lr"] == 2e-4
+
+
+def test_adam_is_refused_where_pfedme_runs_its_own_solver():
+    with pytest.raises(ConfigError, match="optimizer.*pFedMe's clients run"):
+        make_config({"strategy": "pfedme", "optimizer": "adam"})
+    with pytest.raises(ConfigError, match="adda-adapt-optimizer=sgd"):
+        make_config({**DA, "trainer": "adda", "strategy": "pfedme"})
+    make_config({**DA, "trainer": "adda", "strategy": "pfedme", "adda-adapt-optimizer": "sgd",
+                 "adda-adapt-lr": 0.01})

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedtl.clients.trainers.base import Trainer
-from fedtl.clients.update_rule import ClientState, UpdateRule, sgd_steps
+from fedtl.clients.update_rule import ClientState, UpdateRule, local_optimizer, sgd_steps
 from fedtl.config import RunConfig
 from fedtl.data import ClientData
 
@@ -34,8 +34,7 @@ def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Tr
     if steps == 0:
         return float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = local_optimizer(params, cfg)
     model.train()
     batches = trainer.batches(data, generator, device)
     total = torch.zeros((), device=device)

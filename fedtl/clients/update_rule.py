@@ -47,6 +47,16 @@ class UpdateRule(ABC):
         """
 
 
+def local_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The client optimizer of ``cfg`` (``optimizer``), new for each call: its state (momentum,
+    Adam's moments) starts afresh every round, as each round starts from new global weights."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999),
+                                weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
 def lr_scale(trainer: Trainer, batch) -> float:
     """The trainer's learning-rate factor for ``batch`` (1 for a trainer without a schedule)."""
     scale = getattr(trainer, "lr_scale", None)
@@ -55,12 +65,12 @@ def lr_scale(trainer: Trainer, batch) -> float:
 
 def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: torch.Generator,
               steps: int, cfg: RunConfig, device: torch.device) -> float:
-    """``steps`` mini-batch SGD steps on the trainer's loss (learning rate ``lr`` times the
-    trainer's ``lr_scale`` of each batch); returns the mean loss."""
+    """``steps`` mini-batch steps of the client optimizer (``local_optimizer``) on the
+    trainer's loss (learning rate ``lr`` times the trainer's ``lr_scale`` of each batch);
+    returns the mean loss."""
     if steps == 0:
         return float("nan")
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = local_optimizer(model.parameters(), cfg)
     model.train()
     batches = trainer.batches(data, generator, device)
     total = torch.zeros((), device=device)

@@ -4,8 +4,8 @@ Three stages, the first two run by the server as phases of rounds:
 
 1. ``source`` (``adda-source-rounds`` rounds): the encoder M_s and classifier C learn the
    labelled source data (cross-entropy), averaged across clients as usual.
-2. ``adapt`` (the remaining rounds, learning rate ``adda-adapt-lr``, momentum
-   ``adda-adapt-momentum``): when the phase begins
+2. ``adapt`` (the remaining rounds; the paper's Adam, ``adda-adapt-optimizer``, at
+   ``adda-adapt-lr`` = 2e-4 with beta1 = ``adda-adapt-momentum`` = 0.5): when the phase begins
    the server freezes a copy of the source encoder (``source_encoder``) and the target
    encoder M_t (``encoder``) starts from it. Each client trains the discriminator D
    (features -> 500 -> 500 -> 2) to tell M_s(x_s) (label 0) from M_t(x_t) (label 1), and M_t
@@ -80,10 +80,10 @@ class ADDATrainer(DomainTrainer):
 
     def phases(self) -> list[Phase]:
         source = self.cfg.adda_source_rounds
+        adapt = {"optimizer": self.cfg.adda_adapt_optimizer, "lr": self.cfg.adda_adapt_lr,
+                 "momentum": self.cfg.adda_adapt_momentum}  # Adam's beta1 with adam
         return [Phase("source", source),
-                Phase("adapt", self.cfg.num_rounds - source,
-                      {"lr": self.cfg.adda_adapt_lr, "momentum": self.cfg.adda_adapt_momentum},
-                      begin=init_target_encoder)]
+                Phase("adapt", self.cfg.num_rounds - source, adapt, begin=init_target_encoder)]
 
     def adapting(self) -> bool:
         return self.phase == "adapt"
