@@ -52,37 +52,33 @@ def cnn(spec: DatasetSpec) -> nn.Module:
     )
 
 
-def lenet5(spec: DatasetSpec) -> nn.Module:
-    """LeNet-5: conv5x5x6 - pool - conv5x5x16 - pool - 120 - 84 - classes (ReLU, max-pool).
+def _lenet(spec: DatasetSpec, conv1: int, conv2: int, fc1: int, fc2: int) -> nn.Module:
+    """conv5x5 (conv1) - pool - conv5x5 (conv2) - pool - fc1 - fc2 - classes (ReLU, max-pool).
 
     28x28 inputs are padded by 2 as in the original 32x32 setting; inputs under 16 pixels
     wide (8x8 digits) pad the second convolution too.
     """
     c, h = spec.input_shape[0], spec.input_shape[1]
     features = nn.Sequential(
-        nn.Conv2d(c, 6, 5, padding=2 if h < 32 else 0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5, padding=2 if h < 16 else 0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c, conv1, 5, padding=2 if h < 32 else 0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(conv1, conv2, 5, padding=2 if h < 16 else 0), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(),
     )
     return nn.Sequential(
-        features, nn.Linear(_conv_out(features, spec), 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, spec.num_classes),
+        features, nn.Linear(_conv_out(features, spec), fc1), nn.ReLU(),
+        nn.Linear(fc1, fc2), nn.ReLU(), nn.Linear(fc2, spec.num_classes),
     )
+
+
+def lenet5(spec: DatasetSpec) -> nn.Module:
+    """LeNet-5: conv5x5x6 - pool - conv5x5x16 - pool - 120 - 84 - classes (see ``_lenet``)."""
+    return _lenet(spec, 6, 16, 120, 84)
 
 
 def lenet5_half(spec: DatasetSpec) -> nn.Module:
     """LeNet-5-half, the student of ZSKD and DAFL: LeNet-5 with half the channels and units
     (conv5x5x3 - pool - conv5x5x8 - pool - 60 - 42 - classes)."""
-    c, h = spec.input_shape[0], spec.input_shape[1]
-    features = nn.Sequential(
-        nn.Conv2d(c, 3, 5, padding=2 if h < 32 else 0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(3, 8, 5, padding=2 if h < 16 else 0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(),
-    )
-    return nn.Sequential(
-        features, nn.Linear(_conv_out(features, spec), 60), nn.ReLU(),
-        nn.Linear(60, 42), nn.ReLU(), nn.Linear(42, spec.num_classes),
-    )
+    return _lenet(spec, 3, 8, 60, 42)
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:

@@ -140,28 +140,31 @@ def _pending_message_pump(state, queue, nodes_mapping, f_stop) -> None:
         return stored
 
     state.store_message_ins = store_and_wake  # this state object only, for this run
-    while not f_stop.is_set():
-        wake.clear()
-        started = time.perf_counter()
-        taken: dict[int, object] = {}
-        with lock:
-            for msg_id in list(store.keys()):
-                if check is not None:
-                    check({msg_id})
-                msg = store.get(msg_id)
-                if msg is None:
-                    continue
-                meta = msg.metadata
-                if meta.delivered_at == "" and meta.dst_node_id in nodes \
-                        and meta.dst_node_id not in taken:
-                    taken[meta.dst_node_id] = msg
-            delivered_at = now().isoformat()
+    try:
+        while not f_stop.is_set():
+            wake.clear()
+            started = time.perf_counter()
+            taken: dict[int, object] = {}
+            with lock:
+                for msg_id in list(store.keys()):
+                    if check is not None:
+                        check({msg_id})
+                    msg = store.get(msg_id)
+                    if msg is None:
+                        continue
+                    meta = msg.metadata
+                    if meta.delivered_at == "" and meta.dst_node_id in nodes \
+                            and meta.dst_node_id not in taken:
+                        taken[meta.dst_node_id] = msg
+                delivered_at = now().isoformat()
+                for msg in taken.values():
+                    msg.metadata.delivered_at = delivered_at
             for msg in taken.values():
-                msg.metadata.delivered_at = delivered_at
-        for msg in taken.values():
-            queue.put(msg)
-        elapsed = time.perf_counter() - started
-        wake.wait(max(0.002 if taken or store else 0.01, 2 * elapsed))
+                queue.put(msg)
+            elapsed = time.perf_counter() - started
+            wake.wait(max(0.002 if taken or store else 0.01, 2 * elapsed))
+    finally:
+        del state.store_message_ins  # the class's method again
 
 
 @contextlib.contextmanager
