@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A run configuration that cannot work; the message names key, value and what is accepted."""
 
 
+# Models built with an optional batch-norm layer before every hidden ReLU (``batch-norm``).
+BATCH_NORM_MODELS = ("cnn", "lenet5", "lenet5-half", "dann-mnist")
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: its default fixes its type."""
@@ -186,6 +190,8 @@ _KEYS: list[Key] = [
     # --- knowledge distillation ----------------------------------------------------------
     Key("mlp-hidden", "800,800", "mlp: hidden-layer widths, comma-separated", "method",
         _hidden),
+    Key("batch-norm", False, "cnn / lenet5 / lenet5-half / dann-mnist: a batch-norm layer "
+        "before every hidden ReLU", "method"),
     Key("teacher-checkpoint", "", "distillation: the teacher's weights: a fedtl run directory, "
         "its model.pt, or a torch state-dict file", "distillation"),
     Key("teacher-model", "", "distillation: the teacher's architecture: a model name, "
@@ -226,7 +232,7 @@ _KEYS: list[Key] = [
     Key("target-client-share", 0.5, "split / domain-per-client: share of clients holding the "
         "target domain", "domain adaptation", _open_fraction),
     Key("photo-dir", "", "mnist-m / digits-m: folder of colour photos to crop backgrounds from "
-        "('' = the photos scikit-learn ships)", "domain adaptation"),
+        "('' = the photos scikit-learn and scikit-image ship)", "domain adaptation"),
     Key("dann-share-domain-head", True, "dann: aggregate the domain head (false: each client "
         "keeps its own)", "domain adaptation"),
     Key("dann-lr-annealing", True, "dann: anneal the local learning rates by 1/(1+10p)^0.75",
@@ -428,6 +434,11 @@ def make_config(
                 f"{held_out} of num-clients={merged['num-clients']}; it must hold out at least "
                 "one client and leave at least one to train"
             )
+    if merged["batch-norm"] and merged["model"] not in BATCH_NORM_MODELS:
+        raise ConfigError(
+            f"config key 'batch-norm' = true: model {merged['model']!r} has no batch-norm "
+            f"option (accepted with batch-norm: {', '.join(BATCH_NORM_MODELS)})"
+        )
     if merged["strategy"] == "pfedme" and merged["optimizer"] != "sgd":
         raise ConfigError(
             f"config key 'optimizer' = {merged['optimizer']!r}: pFedMe's clients run the "

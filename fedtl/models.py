@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtl.config import BATCH_NORM_MODELS
 from fedtl.data.datasets import DatasetSpec
 
 
@@ -38,47 +39,72 @@ def _conv_out(features: nn.Module, spec: DatasetSpec) -> int:
         return int(features(torch.zeros(1, *spec.input_shape)).numel())
 
 
-def cnn(spec: DatasetSpec) -> nn.Module:
+def _norm(width: int, conv: bool, batch_norm: bool) -> list[nn.Module]:
+    """A batch-norm layer for ``width`` channels / units, or nothing."""
+    if not batch_norm:
+        return []
+    return [nn.BatchNorm2d(width) if conv else nn.BatchNorm1d(width)]
+
+
+def cnn(spec: DatasetSpec, batch_norm: bool = False) -> nn.Module:
     """McMahan et al. (2017)'s CNN: two 5x5 conv layers (32, 64) with 2x2 max-pooling,
-    a 512-unit ReLU layer and the output layer (1.66M parameters on MNIST)."""
+    a 512-unit ReLU layer and the output layer (1.66M parameters on MNIST).
+    ``batch_norm`` puts a batch-norm layer before every hidden ReLU."""
     c = spec.input_shape[0]
     features = nn.Sequential(
-        nn.Conv2d(c, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Conv2d(c, 32, 5, padding=2), *_norm(32, True, batch_norm), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), *_norm(64, True, batch_norm), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
     )
     return nn.Sequential(
-        features, nn.Linear(_conv_out(features, spec), 512), nn.ReLU(),
-        nn.Linear(512, spec.num_classes),
+        features, nn.Linear(_conv_out(features, spec), 512), *_norm(512, False, batch_norm),
+        nn.ReLU(), nn.Linear(512, spec.num_classes),
     )
 
 
-def _lenet(spec: DatasetSpec, conv1: int, conv2: int, fc1: int, fc2: int) -> nn.Module:
+def _lenet(spec: DatasetSpec, conv1: int, conv2: int, fc1: int, fc2: int,
+           batch_norm: bool = False) -> nn.Module:
     """conv5x5 (conv1) - pool - conv5x5 (conv2) - pool - fc1 - fc2 - classes (ReLU, max-pool).
 
     28x28 inputs are padded by 2 as in the original 32x32 setting; inputs under 16 pixels
-    wide (8x8 digits) pad the second convolution too.
+    wide (8x8 digits) pad the second convolution too. ``batch_norm`` puts a batch-norm layer
+    before every hidden ReLU.
     """
     c, h = spec.input_shape[0], spec.input_shape[1]
+
+    def norm(width: int, conv: bool) -> list[nn.Module]:
+        return _norm(width, conv, batch_norm)
+
     features = nn.Sequential(
-        nn.Conv2d(c, conv1, 5, padding=2 if h < 32 else 0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(conv1, conv2, 5, padding=2 if h < 16 else 0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(),
+        nn.Conv2d(c, conv1, 5, padding=2 if h < 32 else 0), *norm(conv1, True), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(conv1, conv2, 5, padding=2 if h < 16 else 0), *norm(conv2, True), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
     )
     return nn.Sequential(
-        features, nn.Linear(_conv_out(features, spec), fc1), nn.ReLU(),
-        nn.Linear(fc1, fc2), nn.ReLU(), nn.Linear(fc2, spec.num_classes),
+        features, nn.Linear(_conv_out(features, spec), fc1), *norm(fc1, False), nn.ReLU(),
+        nn.Linear(fc1, fc2), *norm(fc2, False), nn.ReLU(), nn.Linear(fc2, spec.num_classes),
     )
 
 
-def lenet5(spec: DatasetSpec) -> nn.Module:
+def lenet5(spec: DatasetSpec, batch_norm: bool = False) -> nn.Module:
     """LeNet-5: conv5x5x6 - pool - conv5x5x16 - pool - 120 - 84 - classes (see ``_lenet``)."""
-    return _lenet(spec, 6, 16, 120, 84)
+    return _lenet(spec, 6, 16, 120, 84, batch_norm)
 
 
-def lenet5_half(spec: DatasetSpec) -> nn.Module:
+def lenet5_half(spec: DatasetSpec, batch_norm: bool = False) -> nn.Module:
     """LeNet-5-half, the student of ZSKD and DAFL: LeNet-5 with half the channels and units
     (conv5x5x3 - pool - conv5x5x8 - pool - 60 - 42 - classes)."""
-    return _lenet(spec, 3, 8, 60, 42)
+    return _lenet(spec, 3, 8, 60, 42, batch_norm)
+
+
+def dann_mnist(spec: DatasetSpec, batch_norm: bool = False) -> nn.Module:
+    """Ganin & Lempitsky (2015)'s MNIST network for DANN: conv5x5x32 - pool - conv5x5x48 -
+    pool - 100 - 100 - classes (see ``_lenet``); DANN's reversal layer sits after the
+    convolutions. The paper's network has no batch norm; common PyTorch re-implementations
+    add it (``batch_norm``)."""
+    return _lenet(spec, 32, 48, 100, 100, batch_norm)
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -117,9 +143,14 @@ def resnet18(spec: DatasetSpec) -> nn.Module:
 
 
 def model_options(name: str, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Keyword arguments a model factory takes from the run config (``mlp``: ``mlp-hidden``)."""
-    if name == "mlp" and cfg is not None and "mlp-hidden" in cfg:
+    """Keyword arguments a model factory takes from a run config (``mlp``: ``mlp-hidden``;
+    the convolutional nets: ``batch-norm``)."""
+    if cfg is None:
+        return {}
+    if name == "mlp" and "mlp-hidden" in cfg:
         return {"hidden": parse_hidden(cfg["mlp-hidden"])}
+    if name in BATCH_NORM_MODELS and cfg.get("batch-norm"):
+        return {"batch_norm": True}
     return {}
 
 
@@ -127,7 +158,7 @@ def build_model(name: str, spec: DatasetSpec, seed: int | None = None,
                 cfg: Mapping[str, Any] | None = None, **options: Any) -> nn.Module:
     """The registered model ``name`` for ``spec``; initialised from ``seed`` when given.
 
-    Options the architecture takes from the run config (``mlp-hidden``) are read from
+    Options the architecture takes from the run config (``mlp-hidden``, ``batch-norm``) are read from
     ``cfg``; explicit ``options`` override them.
     """
     from fedtl.registry import MODELS

@@ -157,6 +157,8 @@ MODELS = Registry("model", {
     "lenet5": Entry("fedtl.models:lenet5", "LeNet-5: conv5x5x6-pool-conv5x5x16-pool-120-84"),
     "lenet5-half": Entry("fedtl.models:lenet5_half", "LeNet-5-half (ZSKD/DAFL student): "
                          "conv5x5x3-pool-conv5x5x8-pool-60-42"),
+    "dann-mnist": Entry("fedtl.models:dann_mnist", "Ganin & Lempitsky's DANN MNIST network: "
+                        "conv5x5x32-pool-conv5x5x48-pool-100-100"),
     "mlp": Entry("fedtl.models:mlp", "fully connected ReLU net, widths from mlp-hidden "
                  "(Hinton et al.'s 2x800 student)"),
     "resnet18": Entry("fedtl.models:resnet18", "torchvision ResNet-18, stem sized to the input"),

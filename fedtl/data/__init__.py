@@ -31,7 +31,7 @@ DATA_KEYS = (
     "target-client-share", "photo-dir",
 )
 
-IMAGE_MODELS = ("cnn", "lenet5", "lenet5-half", "resnet18")
+IMAGE_MODELS = ("cnn", "lenet5", "lenet5-half", "dann-mnist", "resnet18")
 
 
 @dataclass(frozen=True)

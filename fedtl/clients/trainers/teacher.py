@@ -103,10 +103,9 @@ def resolve_teacher(cfg: RunConfig) -> TeacherSource:
             "config.toml beside it), so name its architecture, e.g. teacher-model=lenet5 or "
             "teacher-model=torchvision:resnet18")
     name, options = _parse_model(str(run["model"]), f" (from {path.parent / 'config.toml'})")
-    if name == "mlp" and "mlp-hidden" in run:
-        from fedtl.models import parse_hidden
+    from fedtl.models import model_options
 
-        options = {"hidden": parse_hidden(run["mlp-hidden"])}
+    options = {**options, **model_options(name, run)}
     return TeacherSource(path, name, options, run.get("dataset"))
 
 
