@@ -391,6 +391,24 @@ def test_dann_batch_without_target_still_trains_the_domain_head():
     assert model.domain_head[0].weight.grad is not None
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_dann_normalises_each_domain_with_its_own_batch_statistics(batch_norm):
+    cfg = make_config({**DA, "model": "dann-mnist", "batch-norm": batch_norm})
+    trainer = DANNTrainer(cfg)
+    model = trainer.build_model(dataset_spec(cfg), seed=0).train()
+    g = torch.Generator().manual_seed(0)
+    xs, xt = torch.randn(6, 3, CROP, CROP, generator=g), torch.randn(5, 3, CROP, CROP, generator=g) + 2
+    ys = torch.arange(6) % 10
+    fs, ft = model.features(xs), model.features(xt)  # one pass per domain
+    d = torch.tensor([0] * 6 + [1] * 5)
+    expected = (torch.nn.functional.cross_entropy(model.classifier(fs), ys)
+                + torch.nn.functional.cross_entropy(model.domain_head(torch.cat([fs, ft])), d))
+    loss = trainer.loss(model, DomainBatch(xs, ys, xt, 0.5))
+    assert torch.allclose(loss, expected, atol=1e-6)
+    joint = model.features(torch.cat([xs, xt]))  # one pass over both: differs only with BN
+    assert torch.allclose(joint, torch.cat([fs, ft]), atol=1e-5) == (not batch_norm)
+
+
 def test_local_optimizer_is_sgd_or_adam_with_momentum_as_beta1():
     from fedtl.clients.update_rule import local_optimizer
 

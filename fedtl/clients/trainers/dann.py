@@ -95,15 +95,26 @@ class DANNTrainer(DomainTrainer):
         return annealed_lr_factor(batch.progress) if self.cfg.dann_lr_annealing else 1.0
 
     def loss(self, model: nn.Module, batch: DomainBatch) -> torch.Tensor:
-        xs, xt = batch.source_x, batch.target_x
-        parts = [x for x in (xs, xt) if x is not None]
-        if not parts:
+        """Label loss on the source batch + domain loss on both, through the reversal layer.
+
+        Each domain's batch passes through the feature extractor on its own, so that
+        batch-norm layers (``dann-mnist-bn``) normalise every domain with its own batch
+        statistics, as common DANN implementations do; without batch norm this equals one
+        pass over both batches.
+        """
+        features, domain = [], []
+        loss = None
+        if batch.source_x is not None:
+            fs = model.features(batch.source_x)
+            loss = F.cross_entropy(model.classifier(fs), batch.source_y)
+            features.append(fs)
+            domain.append(torch.zeros(len(fs), dtype=torch.long))
+        if batch.target_x is not None:
+            features.append(model.features(batch.target_x))
+            domain.append(torch.ones(len(batch.target_x), dtype=torch.long))
+        if not features:
             return zero_loss(model)
-        ns = 0 if xs is None else len(xs)
-        nt = 0 if xt is None else len(xt)
-        features = model.features(torch.cat(parts))  # one pass over both domains
-        loss = F.cross_entropy(model.classifier(features[:ns]), batch.source_y) if ns else 0.0
-        domain = torch.cat([torch.zeros(ns, dtype=torch.long), torch.ones(nt, dtype=torch.long)])
-        reversed_features = grad_reverse(features, grl_lambda(batch.progress))
-        return loss + F.cross_entropy(model.domain_head(reversed_features),
-                                      domain.to(features.device))
+        reversed_features = grad_reverse(torch.cat(features), grl_lambda(batch.progress))
+        logits = model.domain_head(reversed_features)
+        domain_loss = F.cross_entropy(logits, torch.cat(domain).to(logits.device))
+        return domain_loss if loss is None else loss + domain_loss
