@@ -5,8 +5,8 @@ Datasets added here (registered in ``fedtl.registry``):
 - ``mnist-m``: MNIST-M built the way Ganin & Lempitsky built it: each MNIST digit is
   binarised and blended with a random 28x28 crop of a colour photo as |photo - digit| per
   channel. Photos come from ``photo-dir`` or, by default, from the photos scikit-learn ships
-  (plus scikit-image's bundled colour images where scikit-image is installed). Deterministic
-  from ``seed``.
+  and scikit-image's bundled colour photos (scikit-image is a dependency; without it only
+  scikit-learn's two are used). Deterministic from ``seed``.
 - ``digits-m``: the same recipe on scikit-learn's 8x8 digits upsampled to 28x28 (no files).
 - ``usps``, ``svhn``: read with torchvision from ``data-dir`` (torchvision's layout).
 
