@@ -19,6 +19,8 @@ labels, pooled. The targets compare ``central`` where the dataset has a central 
 
     python benchmarks/self_supervised.py --dataset mnist --data-dir /work/shared/data
     python benchmarks/self_supervised.py --dataset digits --label-fraction 0.1
+    python benchmarks/self_supervised.py --dataset digits --methods barlow-twins \
+        --set batch-norm=true --set lr=0.03
 """
 
 from __future__ import annotations
@@ -144,7 +146,16 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-ssl"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, after the script's own settings "
+                        "(repeatable), e.g. --set batch-norm=true")
     args = p.parse_args()
+    from fedtl.config import ConfigError, parse_override
+
+    try:
+        overrides = dict(parse_override(item) for item in args.set)
+    except ConfigError as exc:
+        raise SystemExit(f"--set: {exc}") from None
     fraction = args.label_fraction or {"mnist": 0.01, "digits": 0.1}[args.dataset]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
@@ -154,7 +165,7 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for method in methods:
-        cfg = config_for(args.dataset, method, fraction, args.data_dir)
+        cfg = {**config_for(args.dataset, method, fraction, args.data_dir), **overrides}
         if method == "random-encoder":
             results[method] = run_random_encoder(cfg)
         else:
