@@ -72,19 +72,17 @@ def _lenet(spec: DatasetSpec, conv1: int, conv2: int, fc1: int, fc2: int,
     before every hidden ReLU.
     """
     c, h = spec.input_shape[0], spec.input_shape[1]
-
-    def norm(width: int, conv: bool) -> list[nn.Module]:
-        return _norm(width, conv, batch_norm)
-
+    bn = batch_norm
     features = nn.Sequential(
-        nn.Conv2d(c, conv1, 5, padding=2 if h < 32 else 0), *norm(conv1, True), nn.ReLU(),
+        nn.Conv2d(c, conv1, 5, padding=2 if h < 32 else 0), *_norm(conv1, True, bn), nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(conv1, conv2, 5, padding=2 if h < 16 else 0), *norm(conv2, True), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Conv2d(conv1, conv2, 5, padding=2 if h < 16 else 0), *_norm(conv2, True, bn),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
     )
     return nn.Sequential(
-        features, nn.Linear(_conv_out(features, spec), fc1), *norm(fc1, False), nn.ReLU(),
-        nn.Linear(fc1, fc2), *norm(fc2, False), nn.ReLU(), nn.Linear(fc2, spec.num_classes),
+        features, nn.Linear(_conv_out(features, spec), fc1), *_norm(fc1, False, bn), nn.ReLU(),
+        nn.Linear(fc1, fc2), *_norm(fc2, False, bn), nn.ReLU(),
+        nn.Linear(fc2, spec.num_classes),
     )
 
 

@@ -98,7 +98,7 @@ class DANNTrainer(DomainTrainer):
         """Label loss on the source batch + domain loss on both, through the reversal layer.
 
         Each domain's batch passes through the feature extractor on its own, so that
-        batch-norm layers (``dann-mnist-bn``) normalise every domain with its own batch
+        batch-norm layers (``batch-norm = true``) normalise every domain with its own batch
         statistics, as common DANN implementations do; without batch norm this equals one
         pass over both batches.
         """
