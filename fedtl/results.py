@@ -68,8 +68,8 @@ def default_run_name(cfg: RunConfig) -> str:
 class RoundWriter:
     """Writes each finished round to a run directory on a background thread: its checkpoint,
     then its line in rounds.jsonl (in that order, as before), then its timing. The
-    serialisation and the two fsyncs (about 2 ms on this machine's disk, far more on slow or network disks) then
-    overlap the next round instead of delaying it.
+    serialisation and the two fsyncs (about 2 ms on this machine's disk, far more on slow or
+    network disks) then overlap the next round instead of delaying it.
 
     ``write`` first waits for the previous round's writes (raising their error, e.g. a full
     disk), so at most the newest round is in flight: a run killed then resumes from the round

@@ -310,6 +310,15 @@ def _teacher_run(tmp_path, model="lenet5", epochs=10):
     return run.path, acc
 
 
+def test_a_teacher_runs_batch_norm_setting_is_read_from_its_run(tmp_path):
+    cfg = make_config({"model": "lenet5", "batch-norm": True})
+    run = RunDirectory.create(cfg, tmp_path / "teacher")
+    run.save_model(build_model("lenet5", DIGITS, seed=0, cfg=cfg).state_dict())
+    teacher = load_teacher(make_config({"trainer": "kd", "model": "mlp",
+                                        "teacher-checkpoint": str(run.path)}))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+
+
 def test_teacher_is_read_from_a_fedtl_run_and_bad_teachers_fail_before_ray(tmp_path):
     path, _ = _teacher_run(tmp_path, epochs=1)
     cfg = make_config({"trainer": "kd", "teacher-checkpoint": str(path), "model": "mlp"})

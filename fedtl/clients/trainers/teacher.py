@@ -39,7 +39,7 @@ class TeacherSource:
 
     checkpoint: Path
     model: str  # a fedtl model name or 'torchvision:NAME'
-    options: dict[str, Any] = field(default_factory=dict)  # factory options (mlp widths)
+    options: dict[str, Any] = field(default_factory=dict)  # mlp widths, batch norm
     trained_on: str | None = None  # dataset of the fedtl run it comes from, when known
 
 
