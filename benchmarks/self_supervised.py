@@ -84,6 +84,7 @@ def config_for(dataset: str, method: str, label_fraction: float, data_dir: str) 
 def command(cfg: dict, out: Path) -> list[str]:
     args = [sys.executable, "-m", "fedtl", "run", "--no-plots", "--out", str(out)]
     for key, value in cfg.items():
+        value = str(value).lower() if isinstance(value, bool) else value  # TOML's true / false
         args += ["--set", f"{key}={value}"]
     return args
 
