@@ -36,13 +36,15 @@ COMMON = {
     "finetune-steps": 10,
 }
 
-# Per shift. batch-norm (each domain's batch normalised on its own during training) is what
-# lets DANN align MNIST and MNIST-M; on MNIST -> digits it ruins every method (the source's
-# batch statistics do not fit the upsampled 8x8 digits: source-only at chance), so that shift
-# runs without it. The README shows both variants.
+# Per shift. MNIST -> MNIST-M runs without batch norm and with 100 local steps a round: the
+# setting with the strongest source-only floor (batch norm's running statistics fit MNIST-M
+# poorly: source-only 42.4 with it against 63.1 without, at 20 local steps), and DANN needs
+# the longer training to align the domains (60.2 at 20 local steps, 76.2 at 100). On MNIST ->
+# digits batch norm puts source-only at chance, so that shift runs without it too; digits ->
+# MNIST keeps it. The README shows the other settings beside each.
 SHIFTS = {
-    "mnist-mnistm": {"dataset": "mnist", "target-dataset": "mnist-m", "batch-norm": True,
-                     "num-rounds": 30, "local-steps": 20, "lr": 0.05, "adda-source-rounds": 15},
+    "mnist-mnistm": {"dataset": "mnist", "target-dataset": "mnist-m", "batch-norm": False,
+                     "num-rounds": 30, "local-steps": 100, "lr": 0.05, "adda-source-rounds": 15},
     "digits-mnist": {"dataset": "digits", "target-dataset": "mnist", "batch-norm": True,
                      "num-rounds": 30, "local-steps": 10, "lr": 0.05, "adda-source-rounds": 15},
     "mnist-digits": {"dataset": "mnist", "target-dataset": "digits", "batch-norm": False,
