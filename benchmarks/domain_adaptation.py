@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedtl.config import format_override
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Settings every run of a shift shares: DANN's MNIST network, SGD with momentum 0.9 as in
@@ -59,8 +61,7 @@ def command(shift: str, method: str, out: Path, data_dir: str, extra: list[str])
     settings = {**COMMON, **SHIFTS[shift], "trainer": method, "data-dir": data_dir}
     args = [sys.executable, "-m", "fedtl", "run", "--out", str(out), "--no-plots"]
     for key, value in settings.items():
-        value = str(value).lower() if isinstance(value, bool) else value  # TOML's true / false
-        args += ["--set", f"{key}={value}"]
+        args += ["--set", format_override(key, value)]
     for item in extra:
         args += ["--set", item]
     return args

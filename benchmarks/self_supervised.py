@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedtl.config import format_override
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Per dataset: the shared setting and each method's optimiser (lr chosen as described in the
@@ -84,8 +86,7 @@ def config_for(dataset: str, method: str, label_fraction: float, data_dir: str) 
 def command(cfg: dict, out: Path) -> list[str]:
     args = [sys.executable, "-m", "fedtl", "run", "--no-plots", "--out", str(out)]
     for key, value in cfg.items():
-        value = str(value).lower() if isinstance(value, bool) else value  # TOML's true / false
-        args += ["--set", f"{key}={value}"]
+        args += ["--set", format_override(key, value)]
     return args
 
 

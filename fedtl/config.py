@@ -347,6 +347,12 @@ def _type_name(t: type) -> str:
     )
 
 
+def format_override(name: str, value: Value) -> str:
+    """The ``key=value`` text of one ``--set`` that ``parse_override`` reads back as ``value``
+    (booleans as TOML's ``true`` / ``false``)."""
+    return f"{name}={str(value).lower() if isinstance(value, bool) else value}"
+
+
 def parse_override(text: str) -> tuple[str, Value]:
     """Parse one ``key=value`` from ``--set``; the value is read as its key's type."""
     if "=" not in text:
