@@ -221,3 +221,31 @@ def test_fault_injection_is_reproducible_and_near_its_rate():
     rate = np.mean([d is not None for d in draws])
     assert 0.17 < rate < 0.23
     assert {d for d in draws if d} == {"raise", "nan"}
+
+
+def test_a_diverged_round_is_not_saved_so_the_client_recovers(tmp_path):
+    from torch import nn
+
+    from fedtl.clients.client_app import LOCAL_PARTS, _commit
+    from fedtl.clients.state import ClientStateStore
+
+    store = ClientStateStore(tmp_path, partition_id=3)
+    model = nn.Linear(2, 2)
+    head = {"domain_head.0.weight": torch.ones(2, 2)}
+    assert _commit(store, 1, {LOCAL_PARTS: head}, model)
+    # round 2 diverged in the model: its state (and the NaN it might carry) is not saved
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert not _commit(store, 2, {LOCAL_PARTS: {"domain_head.0.weight": torch.zeros(2, 2)}},
+                       model)
+    # round 3 diverged only in the client's own part (a nested state entry)
+    finite = nn.Linear(2, 2)
+    poisoned = {LOCAL_PARTS: {"domain_head.0.weight": torch.full((2, 2), float("inf"))},
+                "step": torch.tensor(3)}
+    assert not _commit(store, 3, poisoned, finite)
+    # round 4 starts from round 1's finite state
+    loaded = store.load(before_round=4)
+    assert torch.equal(loaded[LOCAL_PARTS]["domain_head.0.weight"], torch.ones(2, 2))
+    # integer tensors never count as divergence
+    assert _commit(store, 4, {"counts": {"seen": torch.tensor([1, 2])}}, finite)
+    assert store.load(before_round=5)["counts"]["seen"].tolist() == [1, 2]

@@ -156,6 +156,28 @@ def _shared_weights(model: torch.nn.Module, trainer: Trainer,
     return {k: v for k, v in weights.items() if k in shared}
 
 
+def _all_finite(obj: object) -> bool:
+    """Whether every floating-point tensor in ``obj`` (a tensor, or nested dicts of them, as
+    a state dict or a client state) is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    return True
+
+
+def _commit(store: ClientStateStore, server_round: int, state: ClientState,
+            model: torch.nn.Module) -> bool:
+    """Save this round's client state unless training diverged (a non-finite weight in the
+    model or the state). The server drops such a reply and reports it; not saving the state
+    lets the client's next round start again from its last finite state (its own domain head,
+    projector or theta_i) instead of failing in every later round. Returns whether it saved."""
+    if not (_all_finite(model.state_dict()) and _all_finite(state)):
+        return False
+    store.save(server_round, state)
+    return True
+
+
 def _generator(cfg: RunConfig, server_round: int, client: int, purpose: int) -> torch.Generator:
     """A generator seeded by (seed, round, client, purpose): batches are reproducible."""
     seed = np.random.SeedSequence([cfg.seed, server_round, client, purpose])
@@ -274,7 +296,7 @@ def train(msg: Message, context: Context) -> Message:
         received = msg.content["arrays"]
         weights.update({k: torch.from_numpy(received[k].numpy()) for k in weights
                         if k.startswith(prefixes)})
-    store.save(server_round, state)
+    _commit(store, server_round, state, model)
     if fault in ("nan", "inf", "shape"):
         weights = _corrupt(weights, fault)
     reply = RecordDict({
