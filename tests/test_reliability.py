@@ -241,7 +241,7 @@ def test_a_diverged_round_is_not_saved_so_the_client_recovers(tmp_path):
     # round 3 diverged only in the client's own part (a nested state entry)
     finite = nn.Linear(2, 2)
     poisoned = {LOCAL_PARTS: {"domain_head.0.weight": torch.full((2, 2), float("inf"))},
-                "step": torch.tensor(3)}
+                "counts": {"step": torch.tensor(3)}}
     assert not _commit(store, 3, poisoned, finite)
     # round 4 starts from round 1's finite state
     loaded = store.load(before_round=4)
