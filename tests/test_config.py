@@ -61,6 +61,20 @@ def test_domain_adaptation_experiment_files_are_the_benchmarks_setting(method):
     assert named == benchmarked
 
 
+@pytest.mark.parametrize("dataset, method", [
+    ("mnist", "instance-spreading"), ("mnist", "barlow-twins"), ("digits", "barlow-twins"),
+])
+def test_self_supervised_experiment_files_are_the_benchmarks_setting(dataset, method):
+    spec = importlib.util.spec_from_file_location(
+        "self_supervised_benchmark", ROOT / "benchmarks" / "self_supervised.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fraction = {"mnist": 0.01, "digits": 0.1}[dataset]
+    benchmarked = bench.config_for(dataset, method, fraction, "../shared/data")
+    named = resolve(ROOT / "simulations" / f"ssl-{dataset}-{method}.toml")
+    assert dict(named) == dict(make_config(benchmarked))
+
+
 @pytest.mark.parametrize("name, value", [
     ("batch-norm", True), ("batch-norm", False), ("num-rounds", 30), ("lr", 0.05),
     ("model", "dann-mnist"),
