@@ -45,12 +45,18 @@ def test_simulation_files_are_valid_run_configs():
         resolve(path)
 
 
-@pytest.mark.parametrize("method", ["dann", "adda"])
-def test_domain_adaptation_experiment_files_are_the_benchmarks_setting(method):
-    spec = importlib.util.spec_from_file_location(
-        "domain_adaptation_benchmark", ROOT / "benchmarks" / "domain_adaptation.py")
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark",
+                                                  ROOT / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("method", ["dann", "adda"])
+def test_domain_adaptation_experiment_files_are_the_benchmarks_setting(method):
+    bench = _benchmark("domain_adaptation")
     args = bench.command("mnist-mnistm", method, Path("out"), "../shared/data", [])
     overrides = [args[i + 1] for i, arg in enumerate(args) if arg == "--set"]
     named = dict(resolve(ROOT / "simulations" / f"da-mnist-mnistm-{method}.toml"))
@@ -65,10 +71,7 @@ def test_domain_adaptation_experiment_files_are_the_benchmarks_setting(method):
     ("mnist", "instance-spreading"), ("mnist", "barlow-twins"), ("digits", "barlow-twins"),
 ])
 def test_self_supervised_experiment_files_are_the_benchmarks_setting(dataset, method):
-    spec = importlib.util.spec_from_file_location(
-        "self_supervised_benchmark", ROOT / "benchmarks" / "self_supervised.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("self_supervised")
     fraction = {"mnist": 0.01, "digits": 0.1}[dataset]
     benchmarked = bench.config_for(dataset, method, fraction, "../shared/data")
     named = resolve(ROOT / "simulations" / f"ssl-{dataset}-{method}.toml")
