@@ -85,6 +85,34 @@ def test_ditto_personal_model_converges_to_the_prox_of_the_received_global_model
     assert torch.allclose(state0[PERSONAL]["theta"], C, atol=1e-4)
 
 
+class ScheduledQuadraticTrainer(QuadraticTrainer):
+    """The quadratic with a learning-rate schedule, as DANN's annealing is given."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def lr_scale(self, batch):
+        return self.scale
+
+
+def test_ditto_personal_steps_follow_the_trainers_learning_rate_schedule():
+    cfg = make_config({"strategy": "ditto", "ditto-lambda": 1.0, "local-steps": 1, "lr": 0.1})
+    w = torch.tensor([0.0, 1.0, -2.0])
+    # a schedule at zero freezes both w and v_i
+    state = {}
+    model = Quadratic(w)
+    Ditto(cfg, ScheduledQuadraticTrainer(0.0), CPU).train(model, _empty(), torch.Generator(),
+                                                          state)
+    assert torch.equal(model.theta.detach(), w)
+    assert torch.equal(state[PERSONAL]["theta"], w)
+    # one step at lr 0.1 * 0.5 from v = w (the proximal gradient is zero there)
+    state = {}
+    Ditto(cfg, ScheduledQuadraticTrainer(0.5), CPU).train(Quadratic(w), _empty(),
+                                                          torch.Generator(), state)
+    assert torch.allclose(state[PERSONAL]["theta"], w - 0.05 * H * (w - C))
+
+
 def test_ditto_replies_exactly_what_fedavg_replies_and_keeps_v_apart():
     cfg = make_config({"strategy": "ditto", "local-steps": 7, "lr": 0.1, "batch-size": 8,
                        "ditto-lambda": 0.5})

@@ -9,7 +9,8 @@ Each round a sampled client, given the global model w:
    v_i on its own disk. lambda = 0 is local training; a large lambda pins v_i to w.
 
 v_i starts at the first global model the client receives. The personal steps use the same
-learning rate, momentum and weight decay as the global ones (as the official code does).
+learning rate, momentum and weight decay as the global ones (as the official code does),
+including a trainer's learning-rate schedule (DANN's annealing scales both alike).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from fedtl.clients.trainers.base import Trainer
-from fedtl.clients.update_rule import ClientState, UpdateRule, local_optimizer, sgd_steps
+from fedtl.clients.update_rule import (ClientState, UpdateRule, local_optimizer, lr_scale,
+                                      sgd_steps)
 from fedtl.config import RunConfig
 from fedtl.data import ClientData
 
@@ -28,9 +30,10 @@ PERSONAL = "ditto-v"
 def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Trainer,
                        data: ClientData, generator: torch.Generator, steps: int, lam: float,
                        cfg: RunConfig, device: torch.device) -> float:
-    """``steps`` SGD steps on trainer loss + lam/2 ||params - anchor||^2; returns the mean
-    trainer loss (without the proximal term). ``anchor`` holds one tensor per trainable
-    parameter, in ``model.parameters()`` order."""
+    """``steps`` SGD steps on trainer loss + lam/2 ||params - anchor||^2, at ``lr`` times the
+    trainer's ``lr_scale`` of each batch; returns the mean trainer loss (without the proximal
+    term). ``anchor`` holds one tensor per trainable parameter, in ``model.parameters()``
+    order."""
     if steps == 0:
         return float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -39,8 +42,11 @@ def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Tr
     batches = trainer.batches(data, generator, device)
     total = torch.zeros((), device=device)
     for _ in range(steps):
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_scale(trainer, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss = trainer.loss(model, next(batches))
+        loss = trainer.loss(model, batch)
         proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
         (loss + 0.5 * lam * proximal).backward()
         optimizer.step()
