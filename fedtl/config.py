@@ -195,8 +195,8 @@ _KEYS: list[Key] = [
     Key("teacher-checkpoint", "", "distillation: the teacher's weights: a fedtl run directory, "
         "its model.pt, or a torch state-dict file", "distillation"),
     Key("teacher-model", "", "distillation: the teacher's architecture: a model name, "
-        "'mlp:W1,W2', or 'torchvision:NAME' (empty: the model in the teacher run's "
-        "config.toml)", "distillation"),
+        "'NAME:bn' (with batch norm), 'mlp:W1,W2', or 'torchvision:NAME' (empty: the model in "
+        "the teacher run's config.toml)", "distillation"),
     Key("kd-temperature", 4.0, "distillation: softmax temperature T of the soft term",
         "distillation", _positive),
     Key("kd-alpha", 0.1, "kd: weight of the hard-label cross-entropy (the soft term gets "

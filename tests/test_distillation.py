@@ -319,6 +319,21 @@ def test_a_teacher_runs_batch_norm_setting_is_read_from_its_run(tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
 
 
+def test_a_batch_norm_teacher_outside_a_run_is_named_name_colon_bn(tmp_path):
+    bn = make_config({"model": "lenet5", "batch-norm": True})
+    loose = tmp_path / "weights.pt"
+    torch.save(build_model("lenet5", DIGITS, seed=0, cfg=bn).state_dict(), loose)
+    kd = {"trainer": "kd", "model": "mlp", "teacher-checkpoint": str(loose)}
+    teacher = load_teacher(make_config({**kd, "teacher-model": "lenet5:bn"}))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    with pytest.raises(ConfigError, match="batch-norm layers: teacher-model=lenet5:bn"):
+        preflight(make_config({**kd, "teacher-model": "lenet5"}))
+    with pytest.raises(ConfigError, match="lenet5 takes only bn"):
+        preflight(make_config({**kd, "teacher-model": "lenet5:gn"}))
+    with pytest.raises(ConfigError, match="mlp takes widths"):
+        preflight(make_config({**kd, "teacher-model": "mlr:bn"}))
+
+
 def test_teacher_is_read_from_a_fedtl_run_and_bad_teachers_fail_before_ray(tmp_path):
     path, _ = _teacher_run(tmp_path, epochs=1)
     cfg = make_config({"trainer": "kd", "teacher-checkpoint": str(path), "model": "mlp"})

@@ -6,6 +6,7 @@ A teacher is named by two config keys:
   PyTorch state dict (``torch.save(model.state_dict(), path)``; a dict that holds one under
   ``state_dict`` or ``model`` is accepted too);
 - ``teacher-model``: its architecture: a fedtl model name (``lenet5``, ``cnn``, ...),
+  ``NAME:bn`` for one of the convolutional nets with batch norm (``lenet5:bn``),
   ``mlp:W1,W2,...`` for a fully connected net of those widths, or ``torchvision:NAME`` for
   any torchvision classification builder (``torchvision.models.get_model(NAME,
   num_classes=...)``). Empty: the architecture named in the ``config.toml`` of the fedtl run
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtl.config import ConfigError, RunConfig
+from fedtl.config import BATCH_NORM_MODELS, ConfigError, RunConfig
 from fedtl.data.datasets import DatasetSpec
 
 RUN_FILE = "model.pt"
@@ -67,18 +68,22 @@ def _parse_model(text: str, where: str) -> tuple[str, dict[str, Any]]:
                 f"config key 'teacher-model' = {text!r}{where}: torchvision has no model "
                 f"{name!r} (e.g. torchvision:resnet18, torchvision:mobilenet_v3_small)")
         return text, {}
-    name, _, widths = text.partition(":")
+    name, _, suffix = text.partition(":")
     if name not in MODELS:
         MODELS.check(name, key="teacher-model")
-    if widths:
-        if name != "mlp":
-            raise ConfigError(f"config key 'teacher-model' = {text!r}{where}: only mlp takes "
-                              "widths after ':' (e.g. mlp:1200,1200)")
+    if not suffix:
+        return name, {}
+    if name == "mlp":
         try:
-            return name, {"hidden": parse_hidden(widths)}
+            return name, {"hidden": parse_hidden(suffix)}
         except ValueError as exc:
             raise ConfigError(f"config key 'teacher-model' = {text!r}{where}: {exc}") from None
-    return name, {}
+    if name in BATCH_NORM_MODELS and suffix == "bn":
+        return name, {"batch_norm": True}
+    raise ConfigError(
+        f"config key 'teacher-model' = {text!r}{where}: after ':' mlp takes widths "
+        f"(mlp:1200,1200) and {', '.join(BATCH_NORM_MODELS)} take 'bn' for batch norm "
+        f"(e.g. lenet5:bn); {name} takes {'only bn' if name in BATCH_NORM_MODELS else 'nothing'}")
 
 
 def resolve_teacher(cfg: RunConfig) -> TeacherSource:
@@ -160,6 +165,9 @@ def _load(cfg: RunConfig) -> nn.Module:
     weights = _read_state_dict(source.checkpoint)
     if (problem := _mismatch(model, weights)) is not None:
         trained = f" (trained on {source.trained_on!r})" if source.trained_on else ""
+        if (source.model in BATCH_NORM_MODELS and not source.options.get("batch_norm")
+                and any(key.endswith("running_mean") for key in weights)):
+            problem += f"; the weights have batch-norm layers: teacher-model={source.model}:bn"
         raise ConfigError(
             f"config key 'teacher-checkpoint' = {cfg.teacher_checkpoint!r}{trained} does not "
             f"fit teacher-model {source.model!r} for dataset {cfg.dataset!r} "
