@@ -271,6 +271,25 @@ def test_a_transfer_set_is_synthesised_once_and_kept_in_the_client_state(monkeyp
     assert len(calls) == 2 and not torch.equal(other.state["zskd-transfer-set"]["x"], kept)
 
 
+def test_a_diverged_synthesis_is_a_clear_error_and_is_not_kept(monkeypatch):
+    cfg = make_config({"trainer": "zskd", "zskd-samples": 6, "model": "lenet5-half"})
+
+    def diverged(self, teacher, spec, n, *rest):
+        x = torch.zeros(n, *spec.input_shape)
+        x[1, 0, 2, 2] = float("nan")
+        return x
+
+    monkeypatch.setattr(ZSKDTrainer, "synthesise", diverged)
+    monkeypatch.setattr(TransferSetTrainer, "teacher",
+                        lambda self, device: build_model("lenet5", DIGITS, seed=0).eval())
+    trainer = ZSKDTrainer(cfg)
+    trainer.use_state({}, 4)
+    with pytest.raises(RuntimeError, match="1 of 6 synthesised samples of client 4 have "
+                                           "non-finite values.*synthesis-lr"):
+        trainer.transfer_set(4, "cpu")
+    assert "zskd-transfer-set" not in trainer.state
+
+
 # --- models and teachers -------------------------------------------------------------------
 
 

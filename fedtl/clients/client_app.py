@@ -331,7 +331,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),
                                  state)
-    if set(state) - known:  # e.g. a transfer set made by a client evaluated before it trained
+    # e.g. a transfer set made by a client evaluated before it trained (never non-finite
+    # weights: the same rule as after training)
+    if set(state) - known and _all_finite(state):
         store.save(server_round, state)
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):

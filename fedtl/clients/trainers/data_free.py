@@ -190,6 +190,12 @@ class TransferSetTrainer(DataFreeTrainer):
             x = self.synthesise(teacher, DATASETS.get(self.cfg.dataset), self.set_size(),
                                 synthesis_generator(self.cfg, partition_id, 0), device,
                                 (bounds[0].to(device), bounds[1].to(device)), partition_id)
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+                raise RuntimeError(
+                    f"{self.method}: {bad} of {len(x)} synthesised samples of client "
+                    f"{partition_id} have non-finite values (the synthesis diverged); lower "
+                    f"synthesis-lr (now {self.cfg.synthesis_lr}). Nothing was kept.")
             self.state[key] = {"x": x.detach().cpu()}
             save_preview(self.cfg, partition_id, self.method, x, teacher)
         return self.state[key]["x"].to(device)
