@@ -334,6 +334,38 @@ def test_adda_adaptation_trains_only_the_target_encoder_and_discriminator():
         torch.testing.assert_close(grads["discriminator." + n], p.grad)
 
 
+@pytest.mark.parametrize("strategy", ["ditto", "local"])
+def test_a_model_kept_on_the_client_enters_adaptation_with_its_own_source_encoder(strategy):
+    from fedtl.clients.ditto import PERSONAL, Ditto
+    from fedtl.clients.local_only import OWN, LocalOnly
+
+    cfg = make_config({**DA, "trainer": "adda", "strategy": strategy, "num-rounds": 4,
+                       "adda-source-rounds": 2, "local-steps": 3})
+    rule, key = (Ditto, PERSONAL) if strategy == "ditto" else (LocalOnly, OWN)
+    data, spec, state = federated_data(cfg).client(0), dataset_spec(cfg), {}
+
+    def client_round(server_round, phase, weights):
+        trainer = ADDATrainer(cfg)
+        trainer.begin(server_round, phase)
+        model = trainer.build_model(spec, seed=0)
+        model.load_state_dict(weights)
+        rule(cfg, trainer, torch.device("cpu")).train(
+            model, data, torch.Generator().manual_seed(server_round), state)
+        return {k: v.clone() for k, v in state[key].items()}
+
+    initial = ADDATrainer(cfg).build_model(spec, seed=0).state_dict()
+    stage1 = client_round(2, "source", initial)
+    encoder = [k for k in stage1 if k.startswith("encoder.")]
+    assert not torch.equal(stage1[encoder[0]], stage1["source_" + encoder[0]])
+    # stage 2 begins: the server froze the GLOBAL source encoder in the model it sends; the
+    # kept model freezes its own, as it was at the end of stage 1, and keeps it frozen
+    sent = init_target_encoder(initial)
+    for server_round in (3, 4):
+        kept = client_round(server_round, "adapt", sent)
+        assert all(torch.equal(kept["source_" + k], stage1[k]) for k in encoder)
+    assert not torch.equal(kept[encoder[0]], stage1[encoder[0]])  # M_t trained
+
+
 def test_adda_stage_one_is_source_classification():
     cfg, trainer, model = _adda("source")
     assert trainer.domains() == (True, False)

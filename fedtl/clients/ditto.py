@@ -10,7 +10,9 @@ Each round a sampled client, given the global model w:
 
 v_i starts at the first global model the client receives. The personal steps use the same
 learning rate, momentum and weight decay as the global ones (as the official code does),
-including a trainer's learning-rate schedule (DANN's annealing scales both alike).
+including a trainer's learning-rate schedule (DANN's annealing scales both alike). When a
+trainer's phase begins (ADDA's adaptation), v_i enters it as the server's global model does,
+from its own weights (``update_rule.kept_weights``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ import torch
 from torch import nn
 
 from fedtl.clients.trainers.base import Trainer
-from fedtl.clients.update_rule import (ClientState, UpdateRule, local_optimizer, lr_scale,
-                                      sgd_steps)
+from fedtl.clients.update_rule import (
+    ClientState,
+    UpdateRule,
+    keep_weights,
+    kept_weights,
+    local_optimizer,
+    lr_scale,
+    sgd_steps,
+)
 from fedtl.config import RunConfig
 from fedtl.data import ClientData
 
@@ -77,9 +86,10 @@ class Ditto(UpdateRule):
                          self.device)
         reply = {k: v.detach().clone() for k, v in model.state_dict().items()}
         # then v_i, in the same module, anchored at the w the client RECEIVED (Ditto's Alg. 1)
-        model.load_state_dict(state.get(PERSONAL, received))
+        kept = kept_weights(self.trainer, state, PERSONAL)
+        model.load_state_dict(received if kept is None else kept)
         personal_loss = self._personal_steps(model, anchor, data, generator)
-        state[PERSONAL] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        keep_weights(self.trainer, state, PERSONAL, model)
         model.load_state_dict(reply)
         return {"train-loss": loss, "personal-loss": personal_loss}
 
@@ -87,8 +97,8 @@ class Ditto(UpdateRule):
                      generator: torch.Generator, state: ClientState) -> nn.Module:
         """v_i from the client's last training round; a client that has not trained yet (or is
         held out) trains v from the current global w with ``local-steps`` regularised steps."""
-        if PERSONAL in state:
-            scratch.load_state_dict(state[PERSONAL])
+        if (kept := kept_weights(self.trainer, state, PERSONAL)) is not None:
+            scratch.load_state_dict(kept)
             return scratch
         scratch.load_state_dict(model.state_dict())
         self._personal_steps(scratch, trainable(model), data, generator)

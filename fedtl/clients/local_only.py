@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedtl.clients.update_rule import ClientState, UpdateRule, sgd_steps
+from fedtl.clients.update_rule import (ClientState, UpdateRule, keep_weights, kept_weights,
+                                      sgd_steps)
 from fedtl.data import ClientData
 
 OWN = "local-model"
@@ -24,11 +25,11 @@ class LocalOnly(UpdateRule):
     def train(self, model: nn.Module, data: ClientData, generator: torch.Generator,
               state: ClientState) -> dict[str, float]:
         received = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if OWN in state:
-            model.load_state_dict(state[OWN])
+        if (kept := kept_weights(self.trainer, state, OWN)) is not None:
+            model.load_state_dict(kept)
         loss = sgd_steps(model, self.trainer, data, generator, self.cfg.local_steps, self.cfg,
                          self.device)
-        state[OWN] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        keep_weights(self.trainer, state, OWN, model)
         model.load_state_dict(received)  # nothing learned is sent
         return {"train-loss": loss}
 
@@ -36,8 +37,8 @@ class LocalOnly(UpdateRule):
                      generator: torch.Generator, state: ClientState) -> nn.Module:
         """The client's own model; a client that has not trained yet (or is held out) trains
         one from the initial weights for ``finetune-steps`` steps, the budget FedAvg-FT gets."""
-        if OWN in state:
-            scratch.load_state_dict(state[OWN])
+        if (kept := kept_weights(self.trainer, state, OWN)) is not None:
+            scratch.load_state_dict(kept)
             return scratch
         scratch.load_state_dict(model.state_dict())
         sgd_steps(scratch, self.trainer, data, generator, self.cfg.finetune_steps, self.cfg,

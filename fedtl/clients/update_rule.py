@@ -19,6 +19,7 @@ from fedtl.data import ClientData
 
 # Persistent per-client state: named state dicts kept across rounds (Flower's Context.state).
 ClientState = MutableMapping[str, dict[str, torch.Tensor]]
+PHASE_SUFFIX = "-phase"  # state entry beside a kept model: the phase it was last trained in
 
 
 class UpdateRule(ABC):
@@ -45,6 +46,47 @@ class UpdateRule(ABC):
 
         ``scratch`` is a model of the same architecture that may be overwritten and returned.
         """
+
+
+def _phases(trainer: Trainer) -> list:
+    phases = getattr(trainer, "phases", None)  # a minimal trainer may have none
+    return [] if phases is None else phases()
+
+
+def _phase_index(trainer: Trainer) -> int | None:
+    names = [phase.name for phase in _phases(trainer)]
+    return names.index(trainer.phase) if getattr(trainer, "phase", "") in names else None
+
+
+def kept_weights(trainer: Trainer, state: ClientState, key: str
+                 ) -> dict[str, torch.Tensor] | None:
+    """The model a client keeps under ``state[key]`` (Ditto's v_i, a local-only model),
+    carried into the trainer's current phase, or None if the client keeps none yet.
+
+    The server applies a phase's ``begin`` to the global model when the phase starts (ADDA:
+    freeze the source encoder as it is now); a model that never leaves the client gets the
+    same, from its own weights, the first time the client uses it in a later phase than the
+    one it was saved in (recorded by ``keep_weights``)."""
+    if key not in state:
+        return None
+    weights = state[key]
+    current = _phase_index(trainer)
+    if current is None:
+        return weights
+    saved = state.get(key + PHASE_SUFFIX)
+    done = int(saved["index"]) if saved is not None else 0
+    for phase in _phases(trainer)[done + 1:current + 1]:
+        if phase.begin is not None:
+            weights = phase.begin(dict(weights))
+    return weights
+
+
+def keep_weights(trainer: Trainer, state: ClientState, key: str, model: nn.Module) -> None:
+    """Keep ``model``'s weights under ``state[key]`` with the phase they belong to."""
+    state[key] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    current = _phase_index(trainer)
+    if current is not None:
+        state[key + PHASE_SUFFIX] = {"index": torch.tensor(current)}
 
 
 def local_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
