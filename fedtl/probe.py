@@ -2,7 +2,8 @@
 
 Both read a frozen encoder's features. The linear probe is L2-regularised multinomial logistic
 regression on standardised features (the objective of scikit-learn's default
-``LogisticRegression``, C = 1), solved to convergence with full-batch L-BFGS. The kNN
+``LogisticRegression``, C = 1), solved with full-batch L-BFGS (up to 300 iterations, as
+scikit-learn's lbfgs solver defaults to 100). The kNN
 classifier is the weighted vote of Wu et al. (2018), used by Ye et al. (2019): the k most
 cosine-similar labelled samples each vote for their class with weight exp(similarity / 0.1).
 """
@@ -64,8 +65,9 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     """Fit min_W,b sum_i CE(W z_i + b, y_i) + l2/2 ||W||^2 on standardised features z.
 
     Classes absent from ``labels`` keep logits the loss pushes down, so they are never
-    predicted. Deterministic: zero start, full-batch L-BFGS with strong-Wolfe line search
-    until the gradient's largest entry is below 1e-5.
+    predicted. Deterministic: zero start, full-batch L-BFGS with strong-Wolfe line search,
+    ``max_iter`` iterations at most (it stops sooner once the gradient's largest entry is
+    below 1e-5 or the loss stops changing).
     """
     if len(labels) == 0:
         raise ValueError("a linear probe needs at least one labelled sample")

@@ -2,7 +2,7 @@
 
 Each dataset gets a default pipeline that suits its images: handwritten digits are never
 flipped (a flipped 2 is no digit) and keep most of their area; photos get the SimCLR / Barlow
-Twins recipe (crop, flip, colour jitter, grayscale). Views are drawn in [0, 1] pixel space and
+Twins recipe (crop, flip, colour jitter, grayscale) with MoCo's CIFAR crop scale. Views are drawn in [0, 1] pixel space and
 normalised back, so colour jitter and fill values mean what torchvision expects.
 
 torchvision's v2 transforms draw one set of random parameters per call, so one call on a whole
@@ -50,8 +50,9 @@ def grayscale_objects(spec: DatasetSpec) -> v2.Transform:
 
 
 def photos(spec: DatasetSpec) -> v2.Transform:
-    """Colour photos: the SimCLR / Barlow Twins CIFAR recipe (crop 20-100%, flip, colour
-    jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale with p 0.2)."""
+    """Colour photos: the SimCLR / Barlow Twins recipe (flip, colour jitter 0.4/0.4/0.4/0.1
+    with p 0.8, grayscale with p 0.2) with crops of 20-100% of the image (MoCo's CIFAR
+    scale; SimCLR and Barlow Twins crop 8-100%, meant for larger images)."""
     size = spec.input_shape[1:]
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),

@@ -10,8 +10,10 @@ finds class-like, class-balanced and strongly activating:
     L_ie = sum_j p_j log10 p_j, p = mean_batch softmax(T(G(z)))
                                                (information entropy: balanced classes)
 
-and the student learns the teacher's softened predictions on the same samples; G and the
-student are stepped together, one step each per local step. L_a and L_ie are normalised as
+and the student learns the teacher's softened predictions on the same samples (at
+``kd-temperature``, default 4; the official code's student loss has no temperature, T = 1,
+which the README's DAFL runs set); G and the student are stepped together, one step each per
+local step. L_a and L_ie are normalised as
 in the official code, with which the weights 0.1 and 5 were tuned (the paper writes
 -(1/n) sum ||f||_1 and the natural log).
 

@@ -99,8 +99,11 @@ class DANNTrainer(DomainTrainer):
 
         Each domain's batch passes through the feature extractor on its own, so that
         batch-norm layers (``batch-norm = true``) normalise every domain with its own batch
-        statistics, as common DANN implementations do; without batch norm this equals one
-        pass over both batches.
+        statistics during training (their running statistics, used at evaluation, mix both
+        domains; tllib instead passes both batches together); without batch norm this equals
+        one pass over both batches. The domain loss is the mean over both batches together,
+        as in tllib: half the paper's sum of a per-domain mean for each domain when the two
+        batches are the same size.
         """
         features, domain = [], []
         loss = None
