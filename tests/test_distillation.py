@@ -290,6 +290,24 @@ def test_a_diverged_synthesis_is_a_clear_error_and_is_not_kept(monkeypatch):
     assert "zskd-transfer-set" not in trainer.state
 
 
+def test_evaluation_keeps_only_a_new_finite_transfer_set_in_the_client_state():
+    from fedtl.clients.client_app import state_after_evaluation
+
+    zskd = ZSKDTrainer(make_config({"trainer": "zskd"}))
+    dafl = DAFLTrainer(make_config({"trainer": "dafl"}))
+    loaded = {"pfedme-theta": {"w": torch.ones(2)}}
+    made = {"zskd-transfer-set": {"x": torch.zeros(3, 1, 8, 8)},
+            "dafl-generator": {"w": torch.ones(2)}}  # e.g. fine-tuned for FedAvg-FT
+    kept = state_after_evaluation(loaded, {**loaded, **made}, zskd)
+    assert set(kept) == {"pfedme-theta", "zskd-transfer-set"}
+    # a generator evaluation trained is never kept: when a client is evaluated must not
+    # change how it trains
+    assert state_after_evaluation({}, {"dafl-generator": {"w": torch.ones(2)}}, dafl) is None
+    assert state_after_evaluation(loaded, dict(loaded), zskd) is None  # nothing new
+    poisoned = {"zskd-transfer-set": {"x": torch.full((3, 1, 8, 8), float("nan"))}}
+    assert state_after_evaluation({}, poisoned, zskd) is None
+
+
 # --- models and teachers -------------------------------------------------------------------
 
 

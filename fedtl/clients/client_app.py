@@ -178,6 +178,18 @@ def _commit(store: ClientStateStore, server_round: int, state: ClientState,
     return True
 
 
+def state_after_evaluation(loaded: ClientState, state: ClientState, trainer: Trainer
+                           ) -> ClientState | None:
+    """What an evaluation leaves in the client's state: the state it loaded plus the new
+    entries the trainer keeps (e.g. a transfer set made by a client evaluated before it
+    trained), if they are finite; None when there is nothing new to save."""
+    new = {k: v for k, v in state.items()
+           if k not in loaded and trainer.keeps_after_evaluation(k)}
+    if not new or not _all_finite(new):
+        return None
+    return {**loaded, **new}
+
+
 def _generator(cfg: RunConfig, server_round: int, client: int, purpose: int) -> torch.Generator:
     """A generator seeded by (seed, round, client, purpose): batches are reproducible."""
     seed = np.random.SeedSequence([cfg.seed, server_round, client, purpose])
@@ -322,8 +334,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = trainer.server_round
     pid = _client_key(context, data)  # seeds, faults and state: partition id, else node id
     store = _state_store(msg, context, pid)
-    state = store.load(before_round=server_round + 1)
-    known = set(state)
+    loaded = store.load(before_round=server_round + 1)
+    state = dict(loaded)  # what evaluation writes must not reach `loaded` unchecked
     trainer.use_state(state, pid)
     _receive(model, msg, state, initial)
     _load_local_prefixes(model, trainer, state)
@@ -331,10 +343,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     rule = _update_rule(cfg, trainer, device)
     personal = rule.personalized(model, scratch, data, _generator(cfg, server_round, pid, 1),
                                  state)
-    # e.g. a transfer set made by a client evaluated before it trained (never non-finite
-    # weights: the same rule as after training)
-    if set(state) - known and _all_finite(state):
-        store.save(server_round, state)
+    if (kept := state_after_evaluation(loaded, state, trainer)) is not None:
+        store.save(server_round, kept)
     values: dict[str, int | float] = {"num-examples": len(data.test)}
     for kind, m in (("global", model), ("personalized", personal)):
         for name, s in trainer.evaluate(m, data, device).items():

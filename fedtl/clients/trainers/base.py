@@ -98,6 +98,13 @@ class Trainer(ABC):
         self.state = state
         self.client = client
 
+    def keeps_after_evaluation(self, key: str) -> bool:
+        """Whether a state entry ``key`` that evaluation created may be saved: only a
+        deterministic cache (a data-free transfer set, the same whoever makes it). Anything
+        else evaluation makes (a generator fine-tuned for FedAvg-FT) is dropped, so that when
+        a client is evaluated never changes how it trains."""
+        return False
+
     def client_key(self, data: ClientData) -> int:
         """What identifies this client for its own seeds and files: the key bound by the
         client app (partition id, else the SuperNode's node id), else the partition id."""

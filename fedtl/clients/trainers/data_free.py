@@ -177,6 +177,9 @@ class TransferSetTrainer(DataFreeTrainer):
                    bounds: tuple[torch.Tensor, torch.Tensor], partition_id: int) -> torch.Tensor:
         """``n`` inputs made from ``teacher`` alone, within ``bounds`` (normalised space)."""
 
+    def keeps_after_evaluation(self, key: str) -> bool:
+        return key == f"{self.method}-transfer-set"  # seeded by the client's key alone
+
     def transfer_set(self, partition_id: int, device: torch.device | str) -> torch.Tensor:
         """This client's transfer set: from its state, or synthesised now and kept there
         (``partition_id``: the client's key, which seeds the synthesis)."""
