@@ -32,11 +32,17 @@ def _resume_target(args: argparse.Namespace):
     return cfg, run_dir
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from fedtl.results import RunDirectory
-    from fedtl.server_app import RunFailed
-    from fedtl.simulation import LineProgress, TqdmProgress, preflight, simulate
+def _check_new_out(out: str | None) -> None:
+    """``--out`` must be a new or empty folder: say so before any data is loaded."""
+    path = Path(out).expanduser() if out else None
+    if path is None or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    what = "is not empty" if path.is_dir() else "is a file"
+    raise ConfigError(f"--out {out} {what}: name a new or empty folder (a run stopped there "
+                      f"continues with 'fedtl run --resume {out}')")
 
+
+def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         cfg, run_dir = _resume_target(args)
         if (run_dir.path / "summary.json").exists() and \
@@ -45,6 +51,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 0
     else:
         cfg = resolve(args.config, args.set or [])
+        _check_new_out(args.out)
+    # torch, Flower and Ray load only now: a config error is reported in a fraction of a second
+    from fedtl.results import RunDirectory
+    from fedtl.server_app import RunFailed
+    from fedtl.simulation import LineProgress, TqdmProgress, preflight, simulate
+
     preflight(cfg)
     if not args.resume:
         run_dir = RunDirectory.create(cfg, args.out)

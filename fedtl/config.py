@@ -404,25 +404,31 @@ def make_config(
     *,
     where: str = "config",
     ignore_unknown: Iterable[str] = (),
+    origins: Mapping[str, str] | None = None,
 ) -> RunConfig:
     """Merge ``values`` over the defaults, check every key, and return a RunConfig.
 
-    Raises ConfigError for an unknown key, a wrong type or an impossible value. Checks that
-    need the dataset (labels per client against classes, clients against samples, files in
-    data-dir) are in ``fedtl.preflight``.
+    Raises ConfigError for an unknown key, a wrong type or an impossible value, naming where
+    the value came from (``origins[key]``, else ``where``). Checks that need the dataset
+    (labels per client against classes, clients against samples, files in data-dir) are in
+    ``fedtl.simulation.preflight``.
     """
     merged: dict[str, Value] = dict(DEFAULTS)
     skip = set(ignore_unknown)
-    for name, value in dict(values).items():
+    values = dict(values)
+    origins = dict(origins or {})
+    for name, value in values.items():
         if name in skip:
             continue
+        source = origins.get(name, where)
         if name not in KEYS:
-            raise ConfigError(_unknown_key_message(name, where))
-        merged[name] = _coerce(KEYS[name], value, where)
+            raise ConfigError(_unknown_key_message(name, source))
+        merged[name] = _coerce(KEYS[name], value, source)
     for name, value in merged.items():
         key = KEYS[name]
         if key.check is not None and (problem := key.check(value)) is not None:
-            raise ConfigError(f"config key '{name}' = {value!r}: {problem}")
+            source = f" ({origins.get(name, where)})" if name in values else ""
+            raise ConfigError(f"config key '{name}' = {value!r}{source}: {problem}")
         if key.registry is not None:
             from fedtl.registry import REGISTRIES  # registry imports no config state
 
@@ -474,18 +480,19 @@ def unseen_count(num_clients: int, fraction: float) -> int:
 
 
 def resolve(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Defaults, then a TOML file, then ``--set key=value`` overrides, validated."""
+    """Defaults, then a TOML file, then ``--set key=value`` overrides, validated together
+    (so an override can mend a file's value that clashes with another key); each error names
+    where its value came from."""
     values: dict[str, Value] = {}
-    where = "defaults"
+    origins: dict[str, str] = {}
     if config_file is not None:
         values.update(read_toml(config_file))
-        where = f"in {config_file}"
-        # Validate the file alone first so its errors name the file.
-        make_config(values, where=where)
+        origins.update(dict.fromkeys(values, f"in {config_file}"))
     for text in overrides:
         name, value = parse_override(text)
         values[name] = value
-    return make_config(values, where="--set" if overrides else where)
+        origins[name] = "--set"
+    return make_config(values, where="defaults", origins=origins)
 
 
 def to_record(cfg: RunConfig) -> dict[str, Value]:

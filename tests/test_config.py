@@ -94,7 +94,7 @@ def test_format_override_is_read_back_by_parse_override(name, value):
     ({"dataset": "mnst"}, "Did you mean 'mnist'"),
     ({"partitioner": "dirchlet"}, "Did you mean 'dirichlet'"),
     ({"model": "vgg"}, "unknown model"),
-    ({"alpha": 0.0}, "'alpha' = 0.0: must be > 0"),
+    ({"alpha": 0.0}, "'alpha' = 0.0 (config): must be > 0"),
     ({"alpha": -1}, "must be > 0"),
     ({"fraction-train": 0.0}, "(0, 1]"),
     ({"fraction-train": 1.5}, "(0, 1]"),
@@ -139,6 +139,22 @@ def test_toml_errors_name_the_file(tmp_path):
         resolve(nested)
     with pytest.raises(ConfigError, match="does not exist"):
         resolve(tmp_path / "missing.toml")
+
+
+def test_errors_name_where_a_value_came_from_and_overrides_mend_a_file(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('alpha = -2.0\nnum-rounds = "five"\n')
+    with pytest.raises(ConfigError, match="'num-rounds' = 'five' \\(in .*exp.toml\\)"):
+        resolve(path)
+    with pytest.raises(ConfigError, match="'alpha' = -2.0 \\(in .*exp.toml\\): must be > 0"):
+        resolve(path, ["num-rounds=5"])
+    with pytest.raises(ConfigError, match="'alpha' = 0.0 \\(--set\\): must be > 0"):
+        resolve(path, ["num-rounds=5", "alpha=0"])
+    # keys that clash in the file alone: an override settles it, as in `fedtl bench`
+    path.write_text('strategy = "pfedme"\noptimizer = "adam"\n')
+    with pytest.raises(ConfigError, match="'optimizer' = 'adam'"):
+        resolve(path)
+    assert resolve(path, ["optimizer=sgd"]).optimizer == "sgd"
 
 
 @pytest.mark.parametrize("values, fragment", [
@@ -188,10 +204,11 @@ def test_gpu_share_without_gpu_is_refused():
 
 @pytest.mark.parametrize("args, fragment", [
     (["run", "--set", "strategy=fedprox"], "unknown strategy"),
-    (["run", "--set", "alpha=-2"], "'alpha' = -2.0: must be > 0"),
+    (["run", "--set", "alpha=-2"], "'alpha' = -2.0 (--set): must be > 0"),
     (["run", "--set", "partitioner=pathological", "--set", "labels-per-client=12"],
      "labels-per-client"),
     (["run", "--set", "bogus=1"], "unknown config key 'bogus'"),
+    (["run", "--out", ".."], "--out .. is not empty: name a new or empty folder"),
 ])
 def test_cli_exits_nonzero_with_one_clear_line_within_seconds(args, fragment, tmp_path):
     started = time.monotonic()
