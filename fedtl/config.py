@@ -82,7 +82,8 @@ def _target_dataset(v: str) -> str | None:
 
     if v in DATASETS:
         return None
-    return f"unknown dataset. Accepted: '' (no target domain), {', '.join(DATASETS)}"
+    images = [name for name in DATASETS if DATASETS.get(name).is_image]
+    return f"unknown dataset. Accepted: '' (no target domain), {', '.join(images)}"
 
 
 def _open_fraction(v: float) -> str | None:

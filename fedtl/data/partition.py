@@ -64,8 +64,15 @@ def _run(partitioner, table, num_clients: int, cfg: RunConfig) -> list[np.ndarra
     except ValueError as exc:
         raise ConfigError(
             f"config key 'partitioner' = {cfg.partitioner!r} cannot split {len(table)} samples "
-            f"into {num_clients} clients with this config: {exc}"
+            f"into {num_clients} clients with this config ({_what_to_change(cfg)}): {exc}"
         ) from None
+
+
+def _what_to_change(cfg: RunConfig) -> str:
+    """The keys that make an impossible split possible, for the error message."""
+    keys = {"dirichlet": "lower num-clients or min-partition-size, or raise alpha",
+            "pathological": "lower num-clients or raise labels-per-client"}
+    return keys.get(cfg.partitioner, "lower num-clients")
 
 
 def iid_partition(labels: np.ndarray, num_clients: int, cfg: RunConfig,
