@@ -116,6 +116,20 @@ def test_beta_mixing_is_exact():
     np.testing.assert_allclose(mix(prev, avg, 0.5)["w"].numpy(), [2.0, 0.0])
 
 
+def test_beta_mixing_of_a_batch_norm_model_averages_its_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    prev = ArrayRecord(net.state_dict())
+    net(torch.randn(8, 3) * 5)  # train-mode pass: new running statistics, one more batch
+    avg = ArrayRecord(net.state_dict())
+    out = mix(prev, avg, beta=2.0).to_torch_state_dict()  # 0-d num_batches_tracked included
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(out[key], net.state_dict()[key]), key
+    assert out["1.num_batches_tracked"].dtype == torch.int64
+    weight = 2 * net.state_dict()["0.weight"] - prev.to_torch_state_dict()["0.weight"]
+    torch.testing.assert_close(out["0.weight"], weight)
+
+
 def _reply(msg_to: Message, weights: np.ndarray, n: int) -> Message:
     content = RecordDict({"arrays": ArrayRecord({"w": Array(weights)}),
                           "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedtl.config import RunConfig
@@ -17,12 +18,21 @@ from fedtl.strategies import Algorithm, held_out_partitions
 from fedtl.strategies.fedavg import FedAvg
 
 
+# Batch-norm statistics are not parameters: beta > 1 would extrapolate them (a negative
+# running variance), so they take the clients' average as it is.
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def mix(previous: ArrayRecord, average: ArrayRecord, beta: float) -> ArrayRecord:
-    """(1 - beta) * previous + beta * average, key by key, in the dtypes of ``previous``."""
+    """(1 - beta) * previous + beta * average, key by key, in the dtypes of ``previous``;
+    batch-norm statistics (``STATISTICS``) are the average."""
     out = {}
     for key, avg in average.items():
+        if key.rsplit(".", 1)[-1] in STATISTICS:
+            out[key] = avg
+            continue
         old = previous[key].numpy()
-        out[key] = Array(((1.0 - beta) * old + beta * avg.numpy()).astype(old.dtype))
+        out[key] = Array(np.asarray((1.0 - beta) * old + beta * avg.numpy(), dtype=old.dtype))
     return ArrayRecord(out)
 
 
