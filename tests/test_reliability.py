@@ -249,3 +249,14 @@ def test_a_diverged_round_is_not_saved_so_the_client_recovers(tmp_path):
     # integer tensors never count as divergence
     assert _commit(store, 4, {"counts": {"seen": torch.tensor([1, 2])}}, finite)
     assert store.load(before_round=5)["counts"]["seen"].tolist() == [1, 2]
+
+
+def test_client_state_survives_a_kill_while_the_previous_checkpoint_was_in_flight(tmp_path):
+    from fedtl.clients.state import ClientStateStore
+
+    # a client trained in rounds 4, 5 and 6; the run was killed during round 6 while round
+    # 5's checkpoint was still being written, so it resumes after round 4 and redoes round 5
+    store = ClientStateStore(tmp_path, partition_id=1)
+    for server_round in (4, 5, 6):
+        store.save(server_round, {"theta": {"w": torch.tensor([float(server_round)])}})
+    assert float(store.load(before_round=5)["theta"]["w"]) == 4.0

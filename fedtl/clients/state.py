@@ -3,8 +3,9 @@
 State is versioned by the round that wrote it: ``<state-dir>/client-<partition>/round-<r>.pt``.
 A client working on round r reads the newest version written before r (training) or up to r
 (evaluation). A run resumed from its round-r checkpoint therefore sees exactly the state it
-had after round r, even if a killed attempt had already written versions for round r+1.
-Files are written atomically; the two newest versions are kept.
+had after round r, even if a killed attempt had already written versions for rounds r+1 and
+r+2 (the server writes round r+1's checkpoint while round r+2 runs). Files are written
+atomically; the three newest versions are kept, enough for that.
 
 Why not Flower's ``Context.state``: in simulation it lives in the engine's memory (a model per
 client for thousands of clients) and cannot be checkpointed with the run.
@@ -22,7 +23,10 @@ import torch
 from fedtl.clients.update_rule import ClientState
 from fedtl.results import atomic_write
 
-KEEP_VERSIONS = 2
+# A kill during round r+2 can leave round r as the last checkpoint (round r+1's is written in
+# the background during r+2); a client that trained in r+1 and r+2 still needs its round-r
+# version then.
+KEEP_VERSIONS = 3
 _VERSION = re.compile(r"^round-(\d+)\.pt$")
 
 
