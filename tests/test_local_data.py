@@ -92,7 +92,8 @@ def _idx(path, array: np.ndarray, magic: int) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def test_folder_in_torchvision_layout_pools_its_train_and_test_files(tmp_path):
+def test_folder_in_torchvision_layout_gives_its_train_files_never_the_central_test_set(
+        tmp_path):
     raw = tmp_path / "site" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -100,7 +101,7 @@ def test_folder_in_torchvision_layout_pools_its_train_and_test_files(tmp_path):
         _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051)
         _idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n), 2049)
     data = read_local(tmp_path / "site", MNIST)
-    assert data.x.shape == (20, 1, 28, 28) and data.scale == pytest.approx(1 / 255)
+    assert data.x.shape == (12, 1, 28, 28) and data.scale == pytest.approx(1 / 255)
     (raw / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(LocalDataError, match="MNIST/raw"):
         read_local(tmp_path / "site", MNIST)
@@ -153,3 +154,13 @@ def test_check_data_command(tmp_path, digits, capsys):
     assert json.loads(capsys.readouterr().out)["num-train"] == 60
     assert main(["deploy", "check-data", str(path), "--set", "dataset=mnist"]) == 2
     assert "needs images of shape" in capsys.readouterr().err
+
+
+def test_a_site_without_partition_id_draws_its_labelled_subset(tmp_path):
+    path = tmp_path / "site.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 17, (40, 8, 8)).astype(np.uint8),
+             y=rng.integers(0, 10, 40))
+    data = local_client_data(path, make_config({"dataset": "digits"}))  # partition id -1
+    labelled = data.labelled(0.25, seed=0)
+    assert len(labelled) == round(0.25 * len(data.train))

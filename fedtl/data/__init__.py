@@ -61,7 +61,9 @@ class ClientData:
         n = len(self.train)
         if fraction >= 1 or n == 0:
             return self.train
-        order = np.random.default_rng([seed, self.partition_id, 0x1ABE1]).permutation(n)
+        # a SuperNode without a partition id has -1; numpy seeds take non-negative integers
+        key = max(self.partition_id, 0)
+        order = np.random.default_rng([seed, key, 0x1ABE1]).permutation(n)
         idx = torch.from_numpy(np.sort(order[:max(1, round(fraction * n))]))
         return Split(self.train.x[idx], self.train.y[idx])
 

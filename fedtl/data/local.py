@@ -7,8 +7,9 @@ with ``--node-config 'data-path="/srv/data/site-a.npz"'`` reads one of:
   be ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)`` (one channel); integer pixels are the
   dataset's raw values (0..255; 0..16 for ``digits``), floating pixels lie in [0, 1]; feature
   vectors (``synthetic``) are ``(N, D)`` floats used as they are;
-- a folder in torchvision's layout for the run's dataset (e.g. ``MNIST/raw/...``): its train
-  and test files together are the client's data;
+- a folder in torchvision's layout for the run's dataset (e.g. ``MNIST/raw/...``): its
+  training files are the client's data (its test files stay out: the server scores the
+  global model on the same dataset's test set);
 - an image folder: one subfolder per class, named by the integer label (``0/``, ``1/``, ...),
   holding image files; images are converted to the dataset's channels and size.
 
@@ -124,10 +125,8 @@ def _read_torchvision(path: Path, loader: TorchvisionLoader) -> ArrayDataset:
         source = loader.read(path, download=False, key=f"data-path '{path}'")
     except ConfigError as exc:
         raise LocalDataError(str(exc)) from None
-    train, test = source.train, source.test
-    x = torch.cat([train.x, test.x]) if test is not None else train.x
-    y = torch.cat([train.y, test.y]) if test is not None else train.y
-    return ArrayDataset(x, y, scale=train.scale, mean=train.mean, std=train.std)
+    train = source.train  # the test files are the server's central test set: never trained on
+    return ArrayDataset(train.x, train.y, scale=train.scale, mean=train.mean, std=train.std)
 
 
 def _read_image_folder(path: Path, spec: DatasetSpec) -> ArrayDataset:
