@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _seconds(run: RunDirectory) -> dict:
     rounds = run.rounds()
     summary = run.summary()
-    times = [r["round_seconds"] for r in rounds]
+    # round times live in timings.jsonl, apart from the reproducible rounds.jsonl
+    timings = (run.path / "timings.jsonl").read_text(encoding="utf-8").splitlines()
+    times = [json.loads(line)["round_seconds"] for line in timings if line.strip()]
     return {"status": summary["status"], "rounds": len(rounds),
             "round_seconds_median": statistics.median(times),
             "round_seconds_mean": statistics.fmean(times),

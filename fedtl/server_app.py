@@ -321,7 +321,7 @@ def without_global(values: dict[str, Any]) -> dict[str, Any]:
 
 def summary_keys(record: dict) -> list[str]:
     """FINAL_KEYS, then any other accuracy a trainer reported (e.g. ``probe_accuracy``,
-    ``knn_global_accuracy``, ``source-test_global_accuracy``)."""
+    ``knn_global_accuracy``, ``source_test_global_accuracy``)."""
     extra = sorted(k for k in record if k.endswith("_accuracy") and k not in FINAL_KEYS)
     return [*FINAL_KEYS, *extra]
 
@@ -350,10 +350,13 @@ def select_best(rounds: list[dict]) -> dict[str, Any]:
         return max(valued, key=lambda r: (r[f"{kind}_val_accuracy"], -r["round"]))
 
     g, p = pick("global"), pick("personalized")
-    best: dict[str, Any] = {"selected_on": "validation", "global_round": g["round"],
-                            "personalized_round": p["round"]}
+    validated = any(r.get(f"{kind}_val_accuracy") is not None
+                    for r in evaluated for kind in ("global", "personalized"))
+    best: dict[str, Any] = {
+        "selected_on": "validation" if validated else "last round (no validation split)",
+        "global_round": g["round"], "personalized_round": p["round"]}
     for key in summary_keys(evaluated[-1]):
-        source = p if "personaliz" in key else g  # also source-test_personalized_accuracy
+        source = p if "personaliz" in key else g  # also source_test_personalized_accuracy
         best[key] = source.get(key)
     return best
 

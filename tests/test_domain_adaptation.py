@@ -411,6 +411,13 @@ def test_best_round_is_chosen_within_the_last_phase():
     best = select_best(rounds)
     assert best["global_round"] == 2 and best["global_accuracy"] == 0.6
     assert best["personalized_round"] == 3
+    assert best["selected_on"] == "validation"
+    # val-fraction = 0: no round has a validation score, so "best" is the last round, and
+    # says so
+    blind = [{k: v for k, v in r.items() if "_val_" not in k} for r in rounds]
+    best = select_best(blind)
+    assert best["global_round"] == best["personalized_round"] == 3
+    assert best["selected_on"] == "last round (no validation split)"
 
 
 def test_dann_batch_without_target_still_trains_the_domain_head():

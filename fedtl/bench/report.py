@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from fedtl.bench.spec import BenchSpec, Cell, _safe
-from fedtl.registry import DATASETS, STRATEGIES
+from fedtl.data import dataset_spec
+from fedtl.registry import STRATEGIES
 from fedtl.results import RunDirectory, atomic_write
 from fedtl.server_app import FINAL_KEYS
 
@@ -305,8 +306,8 @@ class Report:
             return "not run" if not any(r.status != "missing" for r in cells) else "failed"
         if needs_global and not done[0].has_global:
             return "n/a (no global model)"
-        if key == "centralized_accuracy" and not DATASETS.get(
-                done[0].cell.config.dataset).has_central_test:
+        if key == "centralized_accuracy" and not dataset_spec(
+                done[0].cell.config).has_central_test:  # a DA run's is the target's
             return "n/a (no central test set)"
         return fmt_acc(self.stat(done, lambda r: (r.summary[part] or {}).get(key)), self.seeds)
 
