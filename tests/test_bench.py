@@ -69,7 +69,7 @@ def spec_file(tmp_path: Path, text: str = SPEC) -> Path:
     (lambda s: s + "[sweep]\nalpha = [0.1]\n", "also set in [settings] or [methods]"),
     (lambda s: s + "[sweep]\nlr = 0.1\n", "expected a non-empty list"),
     (lambda s: s.replace("alpha = 0.3", "alpha = 0.0"),
-     "cell dir-0.3/fedavg/seed-0: config key 'alpha' = 0.0: must be > 0"),
+     "config key 'alpha' = 0.0 (cell dir-0.3/fedavg/seed-0): must be > 0"),
     (lambda s: s.replace('strategy = "local"', 'strategy = "lcoal"'), "Did you mean 'local'"),
     (lambda s: s.replace("target-accuracy = 0.8", "target-accuracy = 80"), "in (0, 1]"),
     (lambda s: s + "[references.fedavgg]\npersonalized = 0.9\n", "no method 'fedavgg'"),

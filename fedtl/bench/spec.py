@@ -318,8 +318,9 @@ def _with_cells(spec: BenchSpec, forced: dict[str, Value], error: _Errors) -> Be
                     where = f"cell {cell_id(label, method, seed)}"
                     try:
                         config = make_config(values, where=where)
-                    except ConfigError as exc:
-                        raise error(f"{where}: {exc}") from None
+                    except ConfigError as exc:  # a key's error names the cell already
+                        raise error(str(exc) if f"({where})" in str(exc)
+                                    else f"{where}: {exc}") from None
                     cells.append(Cell(method, setting, variant, seed, config))
     dirs = [c.relative_dir for c in cells]
     if len(set(dirs)) != len(dirs):
