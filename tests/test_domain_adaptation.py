@@ -203,6 +203,21 @@ def test_digits_m_from_upsampled_digits_and_sample_photos():
     assert up.shape == (1, 1, CROP, CROP) and bool((up == 255).all())
 
 
+@pytest.mark.parametrize("name", ["mnist-m", "digits-m", "usps", "svhn"])
+def test_a_domain_datasets_normalisation_is_the_one_its_spec_declares(name):
+    # what SSL views, data-free input bounds and a SuperNode's own files are normalised with
+    from fedtl.registry import DATASETS
+
+    spec = DATASETS.get(name)
+    assert spec.raw_scale == 1 / 255
+    assert spec.mean == (0.5,) * spec.input_shape[0] and spec.std == spec.mean
+    if name == "digits-m":  # the one that loads offline
+        train = spec.load(make_config({"seed": 3})).train
+        assert (train.scale, train.mean, train.std) == (spec.raw_scale, spec.mean, spec.std)
+        x = train.inputs(torch.arange(50))
+        assert float(x.min()) >= -1 and float(x.max()) <= 1
+
+
 def test_photo_dir_is_read_and_checked(tmp_path):
     from PIL import Image
 

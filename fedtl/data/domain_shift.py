@@ -149,28 +149,19 @@ def resize_images(x: torch.Tensor, size: int, scale: float = 1.0) -> torch.Tenso
     return f.round().clamp(0, 255).to(torch.uint8)
 
 
-def channel_stats(x: torch.Tensor, scale: float, sample: int = 10000
-                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images ``x`` (N, C, H, W) times scale,
-    from the histograms of at most ``sample`` evenly spaced images (all when fewer)."""
-    x = x[:: max(1, len(x) // sample)]
-    values = torch.arange(256, dtype=torch.float64) * scale
-    means, stds = [], []
-    for c in range(x.shape[1]):
-        hist = torch.bincount(x[:, c].reshape(-1).to(torch.int64), minlength=256).double()
-        p = hist / hist.sum()
-        mean = float((p * values).sum())
-        means.append(round(mean, 4))
-        stds.append(round(max(float((p * (values - mean) ** 2).sum()), 1e-12) ** 0.5, 4))
-    return tuple(means), tuple(stds)
+# The domain datasets' own normalisation, declared in their specs: [0, 1] pixels to [-1, 1], the
+# same for every split, every photo-dir and a SuperNode's own files (statistics measured on
+# the data would differ between them, and a test split must not set its own).
+HALF_RGB = {"raw_scale": 1 / 255, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+HALF_GREY = {"raw_scale": 1 / 255, "mean": (0.5,), "std": (0.5,)}
 
 
 def _blended(digits: torch.Tensor, labels: torch.Tensor, photos, seed: int, stream: int,
              threshold: int) -> ArrayDataset:
     rng = np.random.default_rng([seed, 0x4D4E4D, stream])
     x = torch.from_numpy(blend_with_photos(digits[:, 0].numpy(), photos, rng, threshold))
-    mean, std = channel_stats(x, 1 / 255)
-    return ArrayDataset(x, labels.clone(), scale=1 / 255, mean=mean, std=std)
+    return ArrayDataset(x, labels.clone(), scale=1 / 255, mean=HALF_RGB["mean"],
+                        std=HALF_RGB["std"])
 
 
 def _load_mnist_m(cfg: RunConfig) -> Source:
@@ -188,13 +179,13 @@ def _load_digits_m(cfg: RunConfig) -> Source:
     return Source(_blended(up, digits.y, load_photos(cfg.photo_dir), cfg.seed, 2, 127), None)
 
 
-MNIST_M = DatasetSpec("mnist-m", 10, (3, CROP, CROP), 60000, True, _load_mnist_m)
-DIGITS_M = DatasetSpec("digits-m", 10, (3, CROP, CROP), 1797, False, _load_digits_m)
+MNIST_M = DatasetSpec("mnist-m", 10, (3, CROP, CROP), 60000, True, _load_mnist_m, **HALF_RGB)
+DIGITS_M = DatasetSpec("digits-m", 10, (3, CROP, CROP), 1797, False, _load_digits_m, **HALF_RGB)
 
 
 # --- USPS and SVHN through torchvision ----------------------------------------------------
 
-def _torchvision_split(name: str, files: dict[str, str], read):
+def _torchvision_split(name: str, files: dict[str, str], read, norm: dict):
     """A loader for a torchvision dataset whose files sit directly in data-dir."""
 
     def load(cfg: RunConfig) -> Source:
@@ -218,9 +209,8 @@ def _torchvision_split(name: str, files: dict[str, str], read):
         for split, (x, y) in parts.items():
             x = torch.as_tensor(np.asarray(x), dtype=torch.uint8)
             x = x.unsqueeze(1) if x.dim() == 3 else x
-            mean, std = channel_stats(x, 1 / 255)
             out[split] = ArrayDataset(x, torch.as_tensor(np.asarray(y), dtype=torch.int64),
-                                      scale=1 / 255, mean=mean, std=std)
+                                      scale=1 / 255, mean=norm["mean"], std=norm["std"])
         return Source(out["train"], out["test"])
 
     return load
@@ -241,9 +231,10 @@ def _read_svhn(root: str, split: str, download: bool):
 
 
 USPS = DatasetSpec("usps", 10, (1, 16, 16), 7291, True, _torchvision_split(
-    "USPS", {"train": "usps.bz2", "test": "usps.t.bz2"}, _read_usps))
+    "USPS", {"train": "usps.bz2", "test": "usps.t.bz2"}, _read_usps, HALF_GREY), **HALF_GREY)
 SVHN = DatasetSpec("svhn", 10, (3, 32, 32), 73257, True, _torchvision_split(
-    "SVHN", {"train": "train_32x32.mat", "test": "test_32x32.mat"}, _read_svhn))
+    "SVHN", {"train": "train_32x32.mat", "test": "test_32x32.mat"}, _read_svhn, HALF_RGB),
+    **HALF_RGB)
 
 
 # --- a source and a target domain in one input shape ------------------------------------------
