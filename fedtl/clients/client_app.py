@@ -291,8 +291,10 @@ def train(msg: Message, context: Context) -> Message:
     fault = injected_fault(cfg, server_round, pid)
     if fault == "raise":
         raise RuntimeError(f"injected fault (fault-rate={cfg.fault_rate}): client {pid} crashed")
-    if fault == "timeout":
+    if fault == "timeout":  # a hung client: its late reply is dropped, and it learns nothing
         time.sleep(cfg.client_timeout + 1.0)
+        raise RuntimeError(f"injected fault (fault-rate={cfg.fault_rate}): client {pid} hung "
+                           f"past client-timeout = {cfg.client_timeout} s")
     store = _state_store(msg, context, pid)
     state = store.load(before_round=server_round)
     _receive(model, msg, state, initial)
