@@ -188,6 +188,22 @@ def test_the_run_stops_with_a_clear_error_when_no_client_is_left(tmp_path, sites
                        RunDirectory.create(_cfg(tmp_path, num_clients=2)))
 
 
+def test_a_local_only_client_whose_training_diverged_reports_it(tmp_path, sites):
+    # local-only replies with the weights it received, finite whatever it trained: the
+    # client itself must say that its round failed
+    cfg = _cfg(tmp_path, strategy="local", lr=1e38, num_clients=2)
+    state = tmp_path / "state"
+    grid = InProcessGrid({n: {"data-path": sites[n - 1], "state-dir": str(state)}
+                          for n in (1, 2)})
+    with pytest.raises(RunFailed, match="training diverged in round 1"):
+        run_federation(grid, cfg, RunDirectory.create(cfg))
+    assert not list(state.rglob("round-*.pt"))  # nothing non-finite was kept
+    # the same clients at a sane lr keep their own models there
+    sane = _cfg(tmp_path, strategy="local", num_clients=2, num_rounds=1, run_name="sane")
+    run_federation(grid, sane, RunDirectory.create(sane))
+    assert len(list(state.rglob("round-*.pt"))) == 2
+
+
 def test_error_reasons_are_read_from_both_of_flowers_wrappings():
     request = Message(RecordDict(), dst_node_id=3, message_type="train")
     request.metadata.__dict__["_message_id"] = "m"

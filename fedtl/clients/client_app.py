@@ -310,7 +310,11 @@ def train(msg: Message, context: Context) -> Message:
         received = msg.content["arrays"]
         weights.update({k: torch.from_numpy(received[k].numpy()) for k in weights
                         if k.startswith(prefixes)})
-    _commit(store, server_round, state, model)
+    if not _commit(store, server_round, state, model):
+        # a failure of this round whatever the reply would carry (a local-only client or a
+        # client's own parts send back finite weights they did not train)
+        raise RuntimeError(f"client {pid}: training diverged in round {server_round} "
+                           "(non-finite weights); it keeps its last finite state")
     if fault in ("nan", "inf", "shape"):
         weights = _corrupt(weights, fault)
     reply = RecordDict({
