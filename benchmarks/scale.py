@@ -1,8 +1,8 @@
 """Scale: thousands of simulated clients on one machine.
 
 For each number of clients (default 1,000 and 10,000; MNIST, label skew Dir(0.3), 100 clients
-sampled per round) runs fedtl's simulation and prints: the time to partition the data (once;
-cached on disk afterwards), start-up (from the call until the first round starts: Ray, the
+sampled per round) runs fedtl's simulation and prints: the time to load and partition the
+data (the partition is cached on disk, so a rerun only loads it), start-up (from the call until the first round starts: Ray, the
 actors, and the describe handshake with every client), the median per-round time, and the
 peak memory of all processes (RSS, and PSS, which counts shared library pages once). The last
 line is one JSON object.
@@ -67,7 +67,7 @@ def run(num_clients: int, args) -> dict:
         "global_accuracy": summary["final"]["global_accuracy"],
         "centralized_accuracy": summary["final"]["centralized_accuracy"],
     }
-    print(f"{num_clients:>6} clients: partition {partition_seconds:.1f} s, start-up "
+    print(f"{num_clients:>6} clients: data + partition {partition_seconds:.1f} s, start-up "
           f"{startup:.1f} s, {row['round_seconds_median']:.2f} s/round "
           f"({args.per_round} clients/round), peak memory RSS {row['peak_rss_mb']:.0f} MB / "
           f"PSS {row['peak_pss_mb']:.0f} MB, central accuracy "
