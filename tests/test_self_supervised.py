@@ -161,6 +161,11 @@ def test_supervised_trainer_draws_only_labelled_samples():
     batches = TRAINERS.get("supervised")(cfg).batches(data, torch.Generator().manual_seed(0))
     seen = {tuple(r.tolist()) for _ in range(20) for r in next(batches)[0].flatten(1)}
     assert seen == labelled  # every labelled sample, nothing else
+    # FedAvg weighs the update by the samples it learned from: the labelled ones
+    assert TRAINERS.get("supervised")(cfg).num_examples(data) == len(labelled) < len(data.train)
+    # pre-training reads every train sample (its labels never)
+    ssl = make_config({**SSL, "label-fraction": 0.1})
+    assert TRAINERS.get("barlow-twins")(ssl).num_examples(data) == len(data.train)
 
 
 # --- trainers: views, parts, config ----------------------------------------------------------

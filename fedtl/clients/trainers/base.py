@@ -111,8 +111,9 @@ class Trainer(ABC):
         return data.partition_id if self.client is None else self.client
 
     def num_examples(self, data: ClientData) -> int:
-        """How many samples this client's update stands for (FedAvg's averaging weight)."""
-        return len(data.train)
+        """How many samples this client's update stands for (FedAvg's averaging weight): the
+        labelled part of its train split that ``batches`` draws from."""
+        return len(data.labelled(self.cfg.label_fraction, self.cfg.seed))
 
     def phases(self) -> list[Phase]:
         """The phases of the run, in order; their rounds add up to ``num-rounds``."""

@@ -119,6 +119,9 @@ class SelfSupervisedTrainer(Trainer):
             self._views = Views(default_augmentation(self.spec), self.spec.mean, self.spec.std)
         return self._views
 
+    def num_examples(self, data: ClientData) -> int:
+        return len(data.train)  # pre-training reads every train sample, labels never
+
     def batches(self, data: ClientData, generator: torch.Generator,
                 device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless pairs of augmented views of train-split batches; labels are never read."""
