@@ -160,7 +160,10 @@ def main() -> None:
         overrides = dict(parse_override(item) for item in args.set)
     except ConfigError as exc:
         raise SystemExit(f"--set: {exc}") from None
-    fraction = args.label_fraction or {"mnist": 0.01, "digits": 0.1}[args.dataset]
+    fraction = (args.label_fraction if args.label_fraction is not None
+                else {"mnist": 0.01, "digits": 0.1}[args.dataset])
+    if not 0 < fraction <= 1:
+        p.error(f"--label-fraction {fraction}: must be in (0, 1]")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -1,8 +1,8 @@
 """Random views of image batches for self-supervised trainers (torchvision.transforms.v2).
 
 Each dataset gets a default pipeline that suits its images: handwritten digits are never
-flipped (a flipped 2 is no digit) and keep most of their area; photos get the SimCLR / Barlow
-Twins recipe (crop, flip, colour jitter, grayscale) with MoCo's CIFAR crop scale. Views are drawn in [0, 1] pixel space and
+flipped (a flipped 2 is no digit) and keep most of their area; photos get SimCLR's CIFAR
+recipe (crop, flip, colour jitter, grayscale) with MoCo's CIFAR crop scale. Views are drawn in [0, 1] pixel space and
 normalised back, so colour jitter and fill values mean what torchvision expects.
 
 torchvision's v2 transforms draw one set of random parameters per call, so one call on a whole
@@ -50,9 +50,10 @@ def grayscale_objects(spec: DatasetSpec) -> v2.Transform:
 
 
 def photos(spec: DatasetSpec) -> v2.Transform:
-    """Colour photos: the SimCLR / Barlow Twins recipe (flip, colour jitter 0.4/0.4/0.4/0.1
-    with p 0.8, grayscale with p 0.2) with crops of 20-100% of the image (MoCo's CIFAR
-    scale; SimCLR and Barlow Twins crop 8-100%, meant for larger images)."""
+    """Colour photos: SimCLR's recipe at colour strength 0.5 (flip, colour jitter
+    0.4/0.4/0.4/0.1 with p 0.8, grayscale with p 0.2) with crops of 20-100% of the image
+    (MoCo's CIFAR scale; SimCLR crops 8-100%). Barlow Twins' ImageNet recipe adds blur and
+    solarisation, left out at these image sizes."""
     size = spec.input_shape[1:]
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
