@@ -210,12 +210,15 @@ def cache_dir() -> Path:
 
 
 def _cache_file(key: tuple, source: Source) -> Path:
-    """A file name that changes with the data keys, the data-dir and the pool's labels."""
+    """A file name that changes with the data keys, the data-dir, the pool's labels and the
+    flwr-datasets version (whose partitioners draw the splits)."""
+    from importlib.metadata import version
     ident = dict(zip(DATA_KEYS, key))
     ident["data-dir"] = str(Path(str(ident["data-dir"])).expanduser().resolve())
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
     digest.update(source.train.y.numpy().tobytes())
     digest.update(PARTITION_CACHE_VERSION.encode())
+    digest.update(version("flwr-datasets").encode())
     return cache_dir() / "partitions" / f"{ident['dataset']}-{digest.hexdigest()[:24]}.npz"
 
 
