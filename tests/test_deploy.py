@@ -207,8 +207,12 @@ def test_a_local_only_client_whose_training_diverged_reports_it(tmp_path, sites)
 def test_error_reasons_are_read_from_both_of_flowers_wrappings():
     request = Message(RecordDict(), dst_node_id=3, message_type="train")
     request.metadata.__dict__["_message_id"] = "m"
+    ray = ("\nException ClientAppException occurred. Message: \x1b[36mray::ClientAppActor.run()"
+           "\x1b[39m (pid=1, ...)\n  File \"client_app.py\", line 316, in train\nRuntimeError: "
+           "data-path 'x': bad\n\nflwr.clientapp.client_app.ClientAppException: \nException "
+           "ClientAppException occurred. Message: data-path 'x': bad")
     for wrapped in ("<class 'fedtl.data.local.LocalDataError'>:<'data-path 'x': bad'>",
-                    "\nException LocalDataError occurred. Message: data-path 'x': bad"):
+                    "\nException LocalDataError occurred. Message: data-path 'x': bad", ray):
         reply = Message(Error(code=2, reason=wrapped), reply_to=request)
         assert error_reason(reply) == "data-path 'x': bad"
 
