@@ -229,3 +229,13 @@ def test_unseen_clients_are_summarised_apart_and_local_has_no_global_figures():
     assert all(local[k] is None for k in ("global_accuracy", "unseen_global_accuracy",
                                           "centralized_accuracy", "global_accuracy_bottom10",
                                           "personalization_hurts_share"))
+
+
+def test_client_sampling_takes_the_fraction_of_clients_meant_despite_float_error():
+    from fedtl.strategies.fedavg import sample_partitions
+
+    assert 100 * 0.29 < 29  # 28.999999999999996
+    picked = sample_partitions(0, 1, list(range(100)), 0.29)
+    assert len(picked) == 29 and len(set(picked)) == 29
+    assert len(sample_partitions(0, 1, list(range(10)), 0.05)) == 1  # at least one
+    assert sample_partitions(0, 3, list(range(10)), 1.0) == list(range(10))

@@ -8,6 +8,7 @@ client, and evaluation counts are summed rather than averaged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
@@ -44,7 +45,8 @@ def sample_partitions(seed: int, server_round: int, partition_ids: list[int], fr
                       minimum: int = 1) -> list[int]:
     """The partition ids trained in ``server_round``: a seeded draw of ``fraction`` of them."""
     ordered = sorted(partition_ids)
-    count = min(len(ordered), max(minimum, int(len(ordered) * fraction)))
+    # floor, robust to float error: 100 clients x 0.29 is 28.999999999999996, meant as 29
+    count = min(len(ordered), max(minimum, math.floor(len(ordered) * fraction + 1e-9)))
     rng = np.random.default_rng([seed, server_round, 0xFEDA])
     return [ordered[i] for i in sorted(rng.choice(len(ordered), size=count, replace=False))]
 
