@@ -3,7 +3,7 @@
 The deployment is the README's secure one on this machine (TLS, SuperNode authentication,
 one process per SuperNode, each in its own network namespace when run as root with iproute2),
 with demo partitions (``--node-config "partition-id=i num-partitions=N"``) so both runs train
-the very same clients. Prints the per-round seconds of both (from each run's rounds.jsonl),
+the very same clients. Prints the per-round seconds of both (from each run's timings.jsonl),
 their start-up, the load average, and as the last line one JSON object.
 
     python benchmarks/deploy_round_time.py [--clients 3] [--rounds 5] [--set key=value ...]

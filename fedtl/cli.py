@@ -38,8 +38,9 @@ def _check_new_out(out: str | None) -> None:
     if path is None or not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     what = "is not empty" if path.is_dir() else "is a file"
-    raise ConfigError(f"--out {out} {what}: name a new or empty folder (a run stopped there "
-                      f"continues with 'fedtl run --resume {out}')")
+    hint = (f" (the run stopped there continues with 'fedtl run --resume {out}')"
+            if (path / "config.toml").is_file() else "")
+    raise ConfigError(f"--out {out} {what}: name a new or empty folder{hint}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

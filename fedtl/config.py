@@ -433,7 +433,8 @@ def make_config(
         if key.registry is not None:
             from fedtl.registry import REGISTRIES  # registry imports no config state
 
-            REGISTRIES[key.registry].check(value, key=name)
+            REGISTRIES[key.registry].check(value, key=name, where=origins.get(name, where)
+                                           if name in values else None)
     if merged["val-fraction"] + merged["test-fraction"] >= 1:
         raise ConfigError(
             f"config keys 'val-fraction' = {merged['val-fraction']} and 'test-fraction' = "

@@ -2,8 +2,8 @@
 
 Both read a frozen encoder's features. The linear probe is L2-regularised multinomial logistic
 regression on standardised features (the objective of scikit-learn's default
-``LogisticRegression``, C = 1), solved with full-batch L-BFGS (up to 300 iterations, as
-scikit-learn's lbfgs solver defaults to 100). The kNN
+``LogisticRegression``, C = 1), solved with full-batch L-BFGS for up to 300 iterations
+(scikit-learn's lbfgs solver stops at 100 by default). The kNN
 classifier is the weighted vote of Wu et al. (2018), used by Ye et al. (2019): the k most
 cosine-similar labelled samples each vote for their class with weight exp(similarity / 0.1).
 """

@@ -42,8 +42,8 @@ class Registry:
     def items(self) -> list[tuple[str, Entry]]:
         return list(self._entries.items())
 
-    def check(self, name: str, key: str | None = None) -> None:
-        """Raise ConfigError unless ``name`` is registered."""
+    def check(self, name: str, key: str | None = None, where: str | None = None) -> None:
+        """Raise ConfigError unless ``name`` is registered (``where``: the value's origin)."""
         if name in self._entries:
             return
         from fedtl.config import ConfigError
@@ -52,7 +52,8 @@ class Registry:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         accepted = ", ".join(self._entries)
         raise ConfigError(
-            f"config key '{key or self.kind}' = {name!r}: unknown {self.kind}. "
+            f"config key '{key or self.kind}' = {name!r}{f' ({where})' if where else ''}: "
+            f"unknown {self.kind}. "
             f"Accepted: {accepted}.{hint}"
         )
 

@@ -89,11 +89,11 @@ def error_reason(message: Message) -> str:
     """The readable part of a client's error reply. Flower wraps the exception text:
     ``<class 'ValueError'>:<'text'>`` from a SuperNode, ``... Message: text`` in simulation,
     where Ray's traceback of the actor may come first and end in the same wrapping (the
-    text is after the last marker)."""
+    text is after the last one)."""
     reason = message.error.reason
     if wrapped := re.fullmatch(r"<class '[^']*'>:<'(.*)'>", reason.strip(), re.DOTALL):
         return wrapped.group(1).strip()
-    marker = "Message: "
+    marker = "occurred. Message: "
     if marker in reason:
         reason = reason.rsplit(marker, 1)[1]
     return reason.strip().strip("'>").strip()

@@ -142,3 +142,19 @@ def test_partitions_are_cached_on_disk_and_a_bad_cache_file_is_recomputed(tmp_pa
     files[0].write_bytes(b"not a zip file")
     third = fdata._build.__wrapped__(key)
     assert all(np.array_equal(a.val, b.val) for a, b in zip(first.splits, third.splits))
+
+
+def test_the_partition_cache_file_changes_with_the_flwr_datasets_version(monkeypatch):
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    from fedtl import data as fdata
+
+    key = fdata._data_key(make_config({"seed": 11, "num-clients": 7}))
+    source = SimpleNamespace(train=SimpleNamespace(y=torch.zeros(5, dtype=torch.int64)))
+    now = fdata._cache_file(key, source)
+    assert fdata._cache_file(key, source) == now
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "99.0" if name == "flwr-datasets" else real(name))
+    assert fdata._cache_file(key, source) != now

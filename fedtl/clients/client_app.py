@@ -169,7 +169,8 @@ def _all_finite(obj: object) -> bool:
 def _commit(store: ClientStateStore, server_round: int, state: ClientState,
             model: torch.nn.Module) -> bool:
     """Save this round's client state unless training diverged (a non-finite weight in the
-    model or the state). The server drops such a reply and reports it; not saving the state
+    model or the state). The client then replies with an error (a failure of that round); not
+    saving the state
     lets the client's next round start again from its last finite state (its own domain head,
     projector or theta_i) instead of failing in every later round. Returns whether it saved."""
     if not (_all_finite(model.state_dict()) and _all_finite(state)):
@@ -314,7 +315,8 @@ def train(msg: Message, context: Context) -> Message:
         # a failure of this round whatever the reply would carry (a local-only client or a
         # client's own parts send back finite weights they did not train)
         raise RuntimeError(f"client {pid}: training diverged in round {server_round} "
-                           "(non-finite weights); it keeps its last finite state")
+                           "(non-finite weights or client state); it keeps its last finite "
+                           "state")
     if fault in ("nan", "inf", "shape"):
         weights = _corrupt(weights, fault)
     reply = RecordDict({

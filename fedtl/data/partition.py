@@ -71,7 +71,8 @@ def _run(partitioner, table, num_clients: int, cfg: RunConfig) -> list[np.ndarra
 def _what_to_change(cfg: RunConfig) -> str:
     """The keys that make an impossible split possible, for the error message."""
     keys = {"dirichlet": "lower num-clients or min-partition-size, or raise alpha",
-            "pathological": "lower num-clients or raise labels-per-client"}
+            "pathological": "lower num-clients or raise labels-per-client",
+            "quantity-skew": "lower num-clients or min-partition-size"}
     return keys.get(cfg.partitioner, "lower num-clients")
 
 
