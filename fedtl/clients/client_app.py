@@ -169,10 +169,10 @@ def _all_finite(obj: object) -> bool:
 def _commit(store: ClientStateStore, server_round: int, state: ClientState,
             model: torch.nn.Module) -> bool:
     """Save this round's client state unless training diverged (a non-finite weight in the
-    model or the state). The client then replies with an error (a failure of that round); not
-    saving the state
-    lets the client's next round start again from its last finite state (its own domain head,
-    projector or theta_i) instead of failing in every later round. Returns whether it saved."""
+    model or the state). The client then replies with an error (a failure of that round);
+    not saving the state lets the client's next round start again from its last finite state
+    (its own domain head, projector or theta_i) instead of failing in every later round.
+    Returns whether it saved."""
     if not (_all_finite(model.state_dict()) and _all_finite(state)):
         return False
     store.save(server_round, state)
