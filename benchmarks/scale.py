@@ -2,10 +2,10 @@
 
 For each number of clients (default 1,000 and 10,000; MNIST, label skew Dir(0.3), 100 clients
 sampled per round) runs fedtl's simulation and prints: the time to load and partition the
-data (the partition is cached on disk, so a rerun only loads it), start-up (from the call until the first round starts: Ray, the
-actors, and the describe handshake with every client), the median per-round time, and the
-peak memory of all processes (RSS, and PSS, which counts shared library pages once). The last
-line is one JSON object.
+data (the partition is cached on disk, so a rerun only loads it), start-up (from the call
+until the first round starts: Ray, the actors, and the describe handshake with every
+client), the median per-round time, and the peak memory of all processes (RSS, and PSS,
+which counts shared library pages once). The last line is one JSON object.
 
     python benchmarks/scale.py --data-dir ../shared/data
     python benchmarks/scale.py --clients 1000 --clients 10000 --rounds 5 --model cnn

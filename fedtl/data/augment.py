@@ -2,8 +2,9 @@
 
 Each dataset gets a default pipeline that suits its images: handwritten digits are never
 flipped (a flipped 2 is no digit) and keep most of their area; photos get SimCLR's CIFAR
-recipe (crop, flip, colour jitter, grayscale) with MoCo's CIFAR crop scale. Views are drawn in [0, 1] pixel space and
-normalised back, so colour jitter and fill values mean what torchvision expects.
+recipe (crop, flip, colour jitter, grayscale) with MoCo's CIFAR crop scale. Views are drawn
+in [0, 1] pixel space and normalised back, so colour jitter and fill values mean what
+torchvision expects.
 
 torchvision's v2 transforms draw one set of random parameters per call, so one call on a whole
 batch would crop every image alike. ``Views`` therefore transforms the batch in groups of

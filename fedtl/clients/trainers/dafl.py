@@ -13,9 +13,8 @@ finds class-like, class-balanced and strongly activating:
 and the student learns the teacher's softened predictions on the same samples (at
 ``kd-temperature``, default 4; the official code's student loss has no temperature, T = 1,
 which the README's DAFL runs set); G and the student are stepped together, one step each per
-local step. L_a and L_ie are normalised as
-in the official code, with which the weights 0.1 and 5 were tuned (the paper writes
--(1/n) sum ||f||_1 and the natural log).
+local step. L_a and L_ie are normalised as in the official code, with which the weights 0.1
+and 5 were tuned (the paper writes -(1/n) sum ||f||_1 and the natural log).
 
 In fedtl each client keeps its own generator and its Adam state in its persistent state
 (``fedtl.clients.state.ClientStateStore``, on its disk), so it carries on across rounds and
