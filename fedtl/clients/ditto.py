@@ -27,7 +27,7 @@ from fedtl.clients.update_rule import (
     keep_weights,
     kept_weights,
     local_optimizer,
-    lr_scale,
+    set_step_lr,
     sgd_steps,
 )
 from fedtl.config import RunConfig
@@ -52,8 +52,7 @@ def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Tr
     total = torch.zeros((), device=device)
     for _ in range(steps):
         batch = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_scale(trainer, batch)
+        set_step_lr(optimizer, cfg, trainer, batch)
         optimizer.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))

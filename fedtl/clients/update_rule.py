@@ -105,6 +105,13 @@ def lr_scale(trainer: Trainer, batch) -> float:
     return 1.0 if scale is None else float(scale(batch))
 
 
+def set_step_lr(optimizer: torch.optim.Optimizer, cfg: RunConfig, trainer: Trainer,
+                batch) -> None:
+    """The step on ``batch`` runs at ``lr`` times the trainer's ``lr_scale`` of it."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_scale(trainer, batch)
+
+
 def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: torch.Generator,
               steps: int, cfg: RunConfig, device: torch.device) -> float:
     """``steps`` mini-batch steps of the client optimizer (``local_optimizer``) on the
@@ -118,8 +125,7 @@ def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: t
     total = torch.zeros((), device=device)
     for _ in range(steps):
         batch = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_scale(trainer, batch)
+        set_step_lr(optimizer, cfg, trainer, batch)
         optimizer.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         loss.backward()
