@@ -227,3 +227,16 @@ def test_readme_documents_every_key_with_its_default():
     for name, default in DEFAULTS.items():
         shown = repr(default) if isinstance(default, str) else str(default)
         assert f"| `{name}` | `{shown}` |" in readme, name
+
+
+def test_gpu_check_covers_every_trainer_and_strategy_with_valid_configs():
+    from fedtl.registry import STRATEGIES, TRAINERS
+
+    bench = _benchmark("gpu_check")
+    configs = [{**bench.SMALL, **{k: (v.format(teacher="teacher-run") if isinstance(v, str)
+                                      else v) for k, v in case.items()}}
+               for case in bench.CASES.values()]
+    for values in configs:
+        make_config(values)  # every case is a valid run config
+    assert {c.get("trainer", "supervised") for c in configs} == set(TRAINERS)
+    assert {c.get("strategy", "fedavg") for c in configs} == set(STRATEGIES)
