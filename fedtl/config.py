@@ -168,6 +168,9 @@ _KEYS: list[Key] = [
         "with optimizer = adam", "federation",
         lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     Key("weight-decay", 0.0, "client L2 weight decay", "federation", _non_negative),
+    Key("clip-grad-norm", 0.0, "clip the gradient of each local step (local SGD, fine-tuning, "
+        "Ditto's personal steps, pFedMe's inner steps) to this L2 norm; 0 = no clipping",
+        "federation", _non_negative),
     Key("seed", 0, "seed for partitions, splits, sampling, initialisation and batches",
         "federation", _at_least(0)),
     # --- pFedMe --------------------------------------------------------------------------

@@ -188,3 +188,29 @@ def test_sampling_is_seeded_by_partition_id(fraction, expected):
     for rnd in (1, 2, 3):
         assert a.sample_train(rnd) == b.sample_train(rnd)
         assert len(a.sample_train(rnd)) == expected
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_clip_grad_norm_bounds_every_kind_of_local_step(clip):
+    """One step from theta = 0 (gradient -H*C, norm 4.72) moves theta by lr * min(norm, clip)
+    in local SGD, Ditto's personal steps and pFedMe's inner steps alike."""
+    from fedtl.clients.ditto import proximal_sgd_steps
+    from fedtl.clients.update_rule import sgd_steps
+
+    cfg = make_config({"lr": 0.1, "clip-grad-norm": clip})
+    grad_norm = float((H * C).norm())
+    expected = 0.1 * (min(grad_norm, clip) if clip else grad_norm)
+    start = torch.zeros(3)
+    moved = []
+    model = Quadratic(start)
+    sgd_steps(model, QuadraticTrainer(), _data(), torch.Generator(), 1, cfg, torch.device("cpu"))
+    moved.append(model.theta.detach().norm())
+    model = Quadratic(start)
+    proximal_sgd_steps(model, [start.clone()], QuadraticTrainer(), _data(), torch.Generator(),
+                       1, 0.0, cfg, torch.device("cpu"))
+    moved.append(model.theta.detach().norm())
+    model = Quadratic(start)
+    prox_steps(model, [start.clone()], QuadraticTrainer(), None, steps=1, personal_lr=0.1,
+               lam=0.0, clip=cfg.clip_grad_norm)
+    moved.append(model.theta.detach().norm())
+    assert [float(m) for m in moved] == pytest.approx([expected] * 3, rel=1e-5)

@@ -24,6 +24,7 @@ from fedtl.clients.trainers.base import Trainer
 from fedtl.clients.update_rule import (
     ClientState,
     UpdateRule,
+    clip_gradients,
     keep_weights,
     kept_weights,
     local_optimizer,
@@ -57,6 +58,7 @@ def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Tr
         loss = trainer.loss(model, batch)
         proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
         (loss + 0.5 * lam * proximal).backward()
+        clip_gradients(params, cfg)
         optimizer.step()
         total += loss.detach()
     return float(total) / steps

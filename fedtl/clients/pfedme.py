@@ -26,10 +26,12 @@ THETA = "pfedme-theta"
 
 
 def prox_steps(model: nn.Module, anchor: list[torch.Tensor], trainer, batch: Any, steps: int,
-               personal_lr: float, lam: float, weight_decay: float = 0.0) -> torch.Tensor:
+               personal_lr: float, lam: float, weight_decay: float = 0.0,
+               clip: float = 0.0) -> torch.Tensor:
     """K inner steps on one batch: theta <- theta - p_lr (grad f(theta) + lam (theta - anchor)).
 
     ``model``'s parameters are theta and are updated in place; returns the last loss f(theta).
+    ``clip`` > 0 scales grad f(theta) down to that L2 norm first (``clip-grad-norm``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     loss = torch.zeros(())
@@ -37,6 +39,8 @@ def prox_steps(model: nn.Module, anchor: list[torch.Tensor], trainer, batch: Any
         model.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         with torch.no_grad():
             for p, w in zip(params, anchor):
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -65,7 +69,7 @@ class PFedMeSolver(UpdateRule):
             scale = lr_scale(self.trainer, batch)  # a trainer's schedule scales both rates
             total += prox_steps(model, local_w, self.trainer, batch, cfg.inner_steps,
                                 cfg.personal_lr * scale, cfg.pfedme_lambda,
-                                cfg.weight_decay).cpu()
+                                cfg.weight_decay, cfg.clip_grad_norm).cpu()
             with torch.no_grad():
                 for w, theta in zip(local_w, params):
                     w.sub_(cfg.lr * scale * cfg.pfedme_lambda * (w - theta))
@@ -91,5 +95,5 @@ class PFedMeSolver(UpdateRule):
             batch = next(batches)
             prox_steps(scratch, anchor, self.trainer, batch, cfg.inner_steps,
                        cfg.personal_lr * lr_scale(self.trainer, batch), cfg.pfedme_lambda,
-                       cfg.weight_decay)
+                       cfg.weight_decay, cfg.clip_grad_norm)
         return scratch

@@ -112,6 +112,12 @@ def set_step_lr(optimizer: torch.optim.Optimizer, cfg: RunConfig, trainer: Train
         group["lr"] = cfg.lr * lr_scale(trainer, batch)
 
 
+def clip_gradients(params, cfg: RunConfig) -> None:
+    """Scale the gradients of ``params`` down to L2 norm ``clip-grad-norm`` (0: leave them)."""
+    if cfg.clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+
+
 def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: torch.Generator,
               steps: int, cfg: RunConfig, device: torch.device) -> float:
     """``steps`` mini-batch steps of the client optimizer (``local_optimizer``) on the
@@ -129,6 +135,7 @@ def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: t
         optimizer.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         loss.backward()
+        clip_gradients(model.parameters(), cfg)
         optimizer.step()
         total += loss.detach()
     return float(total) / steps
