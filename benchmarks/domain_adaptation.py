@@ -5,11 +5,13 @@ Simulation Engine with Ray, 10 clients, the shared-target scenario and Dirichlet
 skew. For each shift the script prints a Markdown table (target accuracy of the global model
 on the clients' target test splits, pooled; the personalized models; the target domain's own
 test set where it has one; source accuracy; wall time) and, last, one JSON object with every
-figure.
+figure. With ``--seeds`` every run is repeated per seed (another partition, other MNIST-M crops,
+another initialisation), and a table of each method's gain over source-only per seed follows,
+with the mean over the seeds whose runs finished and the count of failed runs.
 
     python benchmarks/domain_adaptation.py --data-dir ../shared/data            # all shifts
     python benchmarks/domain_adaptation.py --data-dir ../shared/data --shift mnist-mnistm \\
-        --methods source-only dann
+        --methods source-only dann --seeds 0 1 2 3 4
 
 MNIST and MNIST-M (built from MNIST) need ``--data-dir`` holding ``MNIST/raw``; digits needs
 nothing.
@@ -75,7 +77,8 @@ def shown(args: list[str]) -> str:
 def run_one(args: list[str]) -> dict:
     """Run one command; returns its summary figures and its wall time in seconds."""
     started = time.perf_counter()
-    proc = subprocess.run(args, check=False, cwd=ROOT, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    proc = subprocess.run(args, check=False, cwd=ROOT, stdout=subprocess.PIPE, stderr=sys.stderr,
+                          text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         return {"status": "failed", "returncode": proc.returncode, "wall_seconds": wall}
@@ -112,6 +115,34 @@ def table(shift: str, rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def gains(shift: str, by_seed: dict[int, dict[str, dict]]) -> str:
+    """A Markdown table of each method's target accuracy minus source-only's, per seed."""
+    seeds = sorted(by_seed)
+    methods = [m for m in METHODS if m != "source-only"
+               and any(m in rows for rows in by_seed.values())]
+    head = ("| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean of finished "
+            "| failed |\n|---" + "|---" * (len(seeds) + 2) + "|")
+    lines = [f"{SHIFTS[shift]['dataset']} -> {SHIFTS[shift]['target-dataset']}: target "
+             "accuracy minus source-only's (points)", "", head]
+    for method in methods:
+        cells, finished, failed = [], [], 0
+        for seed in seeds:
+            rows = by_seed[seed]
+            run, floor = rows.get(method), rows.get("source-only")
+            if run is None or floor is None:
+                cells.append("")
+            elif run.get("status") != "completed" or floor.get("status") != "completed":
+                failed += 1
+                cells.append("failed")
+            else:
+                gain = 100 * (run["target_accuracy"] - floor["target_accuracy"])
+                finished.append(gain)
+                cells.append(f"{gain:+.2f}")
+        mean = f"{sum(finished) / len(finished):+.2f}" if finished else "-"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} | {failed} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="../shared/data", help="folder holding MNIST/raw")
@@ -120,25 +151,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/domain-adaptation", help="folder for the run dirs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run (repeatable)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="repeat every run with each of these seeds (default: one run with the "
+                        "config's seed)")
     args = p.parse_args(argv)
+    if args.seeds is not None and any(item.split("=", 1)[0].strip() == "seed"
+                                      for item in args.set):
+        p.error("give the seeds with --seeds or one seed with --set seed=N, not both")
+    if args.seeds is not None and (min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds)):
+        p.error(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct seeds >= 0")
     from tqdm import tqdm
 
-    results: dict[str, dict[str, dict]] = {}
-    jobs = [(s, m) for s in args.shift for m in args.methods]
+    seeds: list[int | None] = list(args.seeds) if args.seeds is not None else [None]
+    results: dict[str, dict] = {}
+    jobs = [(s, seed, m) for s in args.shift for seed in seeds for m in args.methods]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     bar = tqdm(jobs, desc="runs", unit="run", file=sys.stderr)
-    for shift, method in bar:
-        bar.set_postfix_str(f"{shift} {method}")
-        out = Path(args.out) / f"{shift}-{method}-{stamp}"
-        cmd = command(shift, method, out.resolve(), args.data_dir, args.set)
+    for shift, seed, method in bar:
+        bar.set_postfix_str(f"{shift} {method}" + ("" if seed is None else f" seed {seed}"))
+        name = f"{shift}-{method}-{stamp}" + ("" if seed is None else f"-seed{seed}")
+        extra = args.set + ([] if seed is None else [f"seed={seed}"])
+        cmd = command(shift, method, (Path(args.out) / name).resolve(), args.data_dir, extra)
         print(f"\n$ {shown(cmd)}", file=sys.stderr, flush=True)
         result = run_one(cmd)
         result["command"] = shown(cmd)
-        results.setdefault(shift, {})[method] = result
-        print(json.dumps({"shift": shift, "method": method, **result}), file=sys.stderr,
-              flush=True)
+        rows = results.setdefault(shift, {})
+        (rows if seed is None else rows.setdefault(seed, {}))[method] = result
+        print(json.dumps({"shift": shift, "method": method,
+                          **({} if seed is None else {"seed": seed}), **result}),
+              file=sys.stderr, flush=True)
     for shift, rows in results.items():
-        print(table(shift, rows) + "\n")
+        if args.seeds is None:
+            print(table(shift, rows) + "\n")
+            continue
+        for seed, by_method in rows.items():
+            print(table(shift, by_method).replace("\n", f" (seed {seed})\n", 1) + "\n")
+        if "source-only" in args.methods and len(args.methods) > 1:
+            print(gains(shift, rows) + "\n")
     print(json.dumps(results))
     return 0
 

@@ -240,3 +240,49 @@ def test_gpu_check_covers_every_trainer_and_strategy_with_valid_configs():
         make_config(values)  # every case is a valid run config
     assert {c.get("trainer", "supervised") for c in configs} == set(TRAINERS)
     assert {c.get("strategy", "fedavg") for c in configs} == set(STRATEGIES)
+
+
+def test_domain_adaptation_gains_table_counts_failed_seeds_and_averages_the_rest():
+    bench = _benchmark("domain_adaptation")
+    ok = {"status": "completed"}
+    rows = {0: {"source-only": {**ok, "target_accuracy": 0.6},
+                "dann": {**ok, "target_accuracy": 0.8}},
+            1: {"source-only": {**ok, "target_accuracy": 0.62},
+                "dann": {"status": "failed", "wall_seconds": 1.0}},
+            2: {"source-only": {**ok, "target_accuracy": 0.6},
+                "dann": {**ok, "target_accuracy": 0.7}}}
+    table = bench.gains("mnist-mnistm", rows)
+    assert "| dann | +20.00 | failed | +10.00 | +15.00 | 1 |" in table
+
+
+def test_domain_adaptation_seeds_and_a_set_seed_are_refused_together(capsys):
+    bench = _benchmark("domain_adaptation")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--seeds", "0", "1", "--set", "seed=3"])
+    assert exc.value.code == 2
+    assert "--seeds or one seed with --set seed=N, not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "1", "1"])
+    assert "expected distinct seeds >= 0" in capsys.readouterr().err
+
+
+def test_domain_adaptation_seeds_run_each_method_per_seed_and_print_the_gains(tmp_path,
+                                                                             monkeypatch, capsys):
+    bench = _benchmark("domain_adaptation")
+    commands = []
+
+    def fake_run(cmd):
+        commands.append(cmd)
+        seed = 1 if "seed=1" in cmd else 0
+        accuracy = 0.6 + 0.1 * seed if "trainer=dann" in cmd else 0.5
+        return {"status": "completed", "wall_seconds": 1.0, "target_accuracy": accuracy,
+                "target_personalized_accuracy": None, "target_central_accuracy": None,
+                "source_accuracy": 0.9}
+
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    assert bench.main(["--shift", "digits-mnist", "--methods", "source-only", "dann",
+                       "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    assert len(commands) == 4  # two methods, two seeds
+    out = capsys.readouterr().out
+    assert "digits -> mnist (seed 1)" in out
+    assert "| dann | +10.00 | +20.00 | +15.00 | 0 |" in out
