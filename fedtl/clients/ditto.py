@@ -58,7 +58,7 @@ def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Tr
         loss = trainer.loss(model, batch)
         proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
         (loss + 0.5 * lam * proximal).backward()
-        clip_gradients(params, cfg)
+        clip_gradients(params, cfg.clip_grad_norm)
         optimizer.step()
         total += loss.detach()
     return float(total) / steps

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtl.clients.update_rule import ClientState, UpdateRule, lr_scale
+from fedtl.clients.update_rule import ClientState, UpdateRule, clip_gradients, lr_scale
 from fedtl.data import ClientData
 
 THETA = "pfedme-theta"
@@ -39,8 +39,7 @@ def prox_steps(model: nn.Module, anchor: list[torch.Tensor], trainer, batch: Any
         model.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        clip_gradients(params, clip)
         with torch.no_grad():
             for p, w in zip(params, anchor):
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)

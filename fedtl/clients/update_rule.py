@@ -112,10 +112,11 @@ def set_step_lr(optimizer: torch.optim.Optimizer, cfg: RunConfig, trainer: Train
         group["lr"] = cfg.lr * lr_scale(trainer, batch)
 
 
-def clip_gradients(params, cfg: RunConfig) -> None:
-    """Scale the gradients of ``params`` down to L2 norm ``clip-grad-norm`` (0: leave them)."""
-    if cfg.clip_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+def clip_gradients(params, max_norm: float) -> None:
+    """Scale the gradients of ``params`` down to L2 norm ``max_norm`` (``clip-grad-norm``; 0
+    leaves them)."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: torch.Generator,
@@ -135,7 +136,7 @@ def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: t
         optimizer.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         loss.backward()
-        clip_gradients(model.parameters(), cfg)
+        clip_gradients(model.parameters(), cfg.clip_grad_norm)
         optimizer.step()
         total += loss.detach()
     return float(total) / steps
