@@ -127,6 +127,9 @@ DATASETS = Registry("dataset", {
                      "photo-dir)"),
     "digits-m": Entry("fedtl.data.domain_shift:DIGITS_M",
                       "MNIST-M's recipe on scikit-learn's digits upsampled to 28x28 (offline)"),
+    "digits-28": Entry("fedtl.data.domain_shift:DIGITS_28",
+                       "scikit-learn's digits in MNIST's layout: ink box scaled to 20x20, "
+                       "centred by mass in 28x28 (offline)"),
     "usps": Entry("fedtl.data.domain_shift:USPS", "USPS 16x16 digits through torchvision "
                   "(data-dir)"),
     "svhn": Entry("fedtl.data.domain_shift:SVHN", "SVHN 32x32 house numbers through "

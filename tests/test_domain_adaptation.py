@@ -203,7 +203,33 @@ def test_digits_m_from_upsampled_digits_and_sample_photos():
     assert up.shape == (1, 1, CROP, CROP) and bool((up == 255).all())
 
 
-@pytest.mark.parametrize("name", ["mnist-m", "digits-m", "usps", "svhn"])
+def test_mnist_layout_scales_the_ink_box_to_20_pixels_and_centres_its_mass():
+    from fedtl.data.domain_shift import mnist_layout
+    from fedtl.registry import DATASETS
+
+    # a 4x2 block of ink in the corner of an 8x8 image: longer side 4 -> 20 pixels
+    img = torch.zeros((2, 1, 8, 8), dtype=torch.uint8)
+    img[0, 0, 4:8, 6:8] = 16
+    out = mnist_layout(img, 1 / 16)
+    assert out.shape == (2, 1, CROP, CROP) and out.dtype == torch.uint8
+    rows = torch.nonzero(out[0, 0].sum(1) > 0).flatten()
+    cols = torch.nonzero(out[0, 0].sum(0) > 0).flatten()
+    assert rows.numel() == 20 and cols.numel() == 10
+    mass = out[0, 0].float()
+    cy = (mass.sum(1) * torch.arange(CROP)).sum() / mass.sum()
+    cx = (mass.sum(0) * torch.arange(CROP)).sum() / mass.sum()
+    assert abs(cy.item() - 13.5) <= 0.5 and abs(cx.item() - 13.5) <= 0.5
+    assert int(out[0].max()) == 255 and int(out[1].max()) == 0  # a blank image stays blank
+    spec = DATASETS.get("digits-28")
+    train = spec.load(make_config({})).train
+    assert train.x.shape == (1797, 1, CROP, CROP) and spec.input_shape == (1, CROP, CROP)
+    boxes = [(torch.nonzero(x[0].sum(1) > 0).flatten(), torch.nonzero(x[0].sum(0) > 0).flatten())
+             for x in train.x[:50]]
+    assert all(max(r[-1] - r[0] + 1, c[-1] - c[0] + 1) == 20 for r, c in boxes)
+    assert torch.equal(train.y, DATASETS.get("digits").load(make_config({})).train.y)
+
+
+@pytest.mark.parametrize("name", ["mnist-m", "digits-m", "digits-28", "usps", "svhn"])
 def test_a_domain_datasets_normalisation_is_the_one_its_spec_declares(name):
     # what SSL views, data-free input bounds and a SuperNode's own files are normalised with
     from fedtl.registry import DATASETS
@@ -211,7 +237,7 @@ def test_a_domain_datasets_normalisation_is_the_one_its_spec_declares(name):
     spec = DATASETS.get(name)
     assert spec.raw_scale == 1 / 255
     assert spec.mean == (0.5,) * spec.input_shape[0] and spec.std == spec.mean
-    if name == "digits-m":  # the one that loads offline
+    if name in ("digits-m", "digits-28"):  # the ones that load offline
         train = spec.load(make_config({"seed": 3})).train
         assert (train.scale, train.mean, train.std) == (spec.raw_scale, spec.mean, spec.std)
         x = train.inputs(torch.arange(50))

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from fedtl.data.datasets import DatasetSpec
 
-HANDWRITTEN = ("digits", "mnist", "usps", "emnist")
+HANDWRITTEN = ("digits", "digits-28", "mnist", "usps", "emnist")
 
 
 def handwritten(spec: DatasetSpec) -> v2.Transform:

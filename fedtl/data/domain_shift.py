@@ -8,6 +8,8 @@ Datasets added here (registered in ``fedtl.registry``):
   and scikit-image's bundled colour photos (scikit-image is a dependency; without it only
   scikit-learn's two are used). Deterministic from ``seed``.
 - ``digits-m``: the same recipe on scikit-learn's 8x8 digits upsampled to 28x28 (no files).
+- ``digits-28``: scikit-learn's 8x8 digits laid out the way MNIST's are: the ink's bounding
+  box scaled to fit 20x20, placed by its centre of mass in a 28x28 frame (no files).
 - ``usps``, ``svhn``: read with torchvision from ``data-dir`` (torchvision's layout).
 
 A domain-adaptation run (``target-dataset`` set) pairs the source ``dataset`` with the target
@@ -179,8 +181,51 @@ def _load_digits_m(cfg: RunConfig) -> Source:
     return Source(_blended(up, digits.y, load_photos(cfg.photo_dir), cfg.seed, 2, 127), None)
 
 
+def mnist_layout(images: torch.Tensor, scale: float, box: int = 20,
+                 side: int = CROP) -> torch.Tensor:
+    """Grey uint8 (N, 1, h, w) images with values in [0, 1/scale], laid out as MNIST's
+    digits were: the ink's bounding box scaled (bilinear, aspect ratio kept) so its longer
+    side is ``box`` pixels, then placed in a ``side`` x ``side`` frame with its centre of mass
+    at the frame's centre. Returns uint8 (N, 1, side, side) in [0, 255].
+
+    Shown in 28x28 by plain upsampling instead, the 8x8 digits fill the whole frame, while
+    MNIST's span a 20-pixel box: a change of scale on top of the change of writers and
+    resolution, which a network trained on one does not undo on the other.
+    """
+    out = torch.zeros((images.shape[0], 1, side, side), dtype=torch.float32)
+    grid = torch.arange(side, dtype=torch.float32)
+    for i, image in enumerate(images[:, 0].to(torch.float32) * scale):
+        rows = torch.nonzero(image.sum(1) > 0).flatten()
+        cols = torch.nonzero(image.sum(0) > 0).flatten()
+        if rows.numel() == 0:
+            continue  # a blank image stays blank
+        ink = image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        h, w = ink.shape
+        factor = box / max(h, w)
+        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        ink = F.interpolate(ink[None, None], size=size, mode="bilinear",
+                            align_corners=False)[0, 0].clamp(0, 1)
+        mass = ink.sum()
+        cy = (ink.sum(1) * grid[:size[0]]).sum() / mass
+        cx = (ink.sum(0) * grid[:size[1]]).sum() / mass
+        # top-left corner that puts the centre of mass at the frame's centre, kept inside it
+        top = min(max(round((side - 1) / 2 - cy.item()), 0), side - size[0])
+        left = min(max(round((side - 1) / 2 - cx.item()), 0), side - size[1])
+        out[i, 0, top:top + size[0], left:left + size[1]] = ink
+    return (out * 255).round().to(torch.uint8)
+
+
+def _load_digits_28(cfg: RunConfig) -> Source:
+    digits = DATASETS.get("digits").load(cfg).train
+    x = mnist_layout(digits.x, digits.scale)
+    return Source(ArrayDataset(x, digits.y.clone(), scale=1 / 255, mean=HALF_GREY["mean"],
+                               std=HALF_GREY["std"]), None)
+
+
 MNIST_M = DatasetSpec("mnist-m", 10, (3, CROP, CROP), 60000, True, _load_mnist_m, **HALF_RGB)
 DIGITS_M = DatasetSpec("digits-m", 10, (3, CROP, CROP), 1797, False, _load_digits_m, **HALF_RGB)
+DIGITS_28 = DatasetSpec("digits-28", 10, (1, CROP, CROP), 1797, False, _load_digits_28,
+                        **HALF_GREY)
 
 
 # --- USPS and SVHN through torchvision ----------------------------------------------------
