@@ -67,6 +67,18 @@ def test_domain_adaptation_experiment_files_are_the_benchmarks_setting(method):
     assert named == benchmarked
 
 
+def test_every_domain_adaptation_shift_is_a_valid_config_of_registered_datasets():
+    from fedtl.registry import DATASETS
+
+    bench = _benchmark("domain_adaptation")
+    for shift in bench.SHIFTS:
+        for method in bench.METHODS:
+            args = bench.command(shift, method, Path("out"), "../shared/data", [])
+            cfg = dict(resolve(None, [args[i + 1] for i, a in enumerate(args) if a == "--set"]))
+            assert cfg["trainer"] == method
+            DATASETS.get(cfg["dataset"]), DATASETS.get(cfg["target-dataset"])
+
+
 @pytest.mark.parametrize("dataset, method", [
     ("mnist", "instance-spreading"), ("mnist", "barlow-twins"), ("digits", "barlow-twins"),
 ])
