@@ -527,6 +527,9 @@ class Federation:
             "clients_trained": len(usable),
             **({"clients_idle": idle} if idle else {}),
             "train_loss": _clean(metrics.get("train-loss")) if metrics else None,
+            # clip-grad-norm: the share of local steps it clipped (clients weighted as the loss)
+            **({"clipped_share": _clean(metrics["clipped-share"])}
+               if metrics and "clipped-share" in metrics else {}),
             "failures": failures,
             "bytes_sent": _bytes(arrays) * len(messages),
             "bytes_received": sum(_bytes(m.content["arrays"]) for m in replies
@@ -588,8 +591,9 @@ class Federation:
             record: dict[str, Any] = {"round": rnd, "phase": phase.name,
                                       "clients_trained": train["clients_trained"],
                                       "train_loss": train["train_loss"]}
-            if "clients_idle" in train:
-                record["clients_idle"] = train["clients_idle"]
+            for key in ("clients_idle", "clipped_share"):
+                if key in train:
+                    record[key] = train[key]
             failures = (list(self.describe_failures) if rnd == first else []) + train["failures"]
             sent, received = train["bytes_sent"], train["bytes_received"]
             last_of_phase = rnd == cfg.num_rounds or self.schedule[rnd][0] is not phase

@@ -28,7 +28,7 @@ def test_cli_run_improves_accuracy_and_writes_the_run_directory(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedtl", "run", "--out", str(out),
          "--set", "num-clients=4", "--set", "num-rounds=5", "--set", "model=mlr",
-         "--set", "partitioner=iid"],
+         "--set", "partitioner=iid", "--set", "clip-grad-norm=1000"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -43,6 +43,7 @@ def test_cli_run_improves_accuracy_and_writes_the_run_directory(tmp_path):
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     assert rounds[-1]["global_accuracy"] > rounds[0]["global_accuracy"] + 0.1
     assert all(r["clients_trained"] == 4 and not r["failures"] for r in rounds)
+    assert all(r["clipped_share"] == 0.0 for r in rounds)  # a clip above every gradient norm
     summary = run.summary()
     assert summary["status"] == "completed"
     for key in ("global_accuracy", "personalized_accuracy", "centralized_accuracy",

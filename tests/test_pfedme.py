@@ -195,22 +195,46 @@ def test_clip_grad_norm_bounds_every_kind_of_local_step(clip):
     """One step from theta = 0 (gradient -H*C, norm 4.72) moves theta by lr * min(norm, clip)
     in local SGD, Ditto's personal steps and pFedMe's inner steps alike."""
     from fedtl.clients.ditto import proximal_sgd_steps
-    from fedtl.clients.update_rule import sgd_steps
+    from fedtl.clients.update_rule import ClipCount, sgd_steps
 
     cfg = make_config({"lr": 0.1, "clip-grad-norm": clip})
     grad_norm = float((H * C).norm())
     expected = 0.1 * (min(grad_norm, clip) if clip else grad_norm)
     start = torch.zeros(3)
-    moved = []
+    moved, counts = [], [ClipCount() for _ in range(3)]
     model = Quadratic(start)
-    sgd_steps(model, QuadraticTrainer(), _data(), torch.Generator(), 1, cfg, torch.device("cpu"))
+    sgd_steps(model, QuadraticTrainer(), _data(), torch.Generator(), 1, cfg, torch.device("cpu"),
+              counts[0])
     moved.append(model.theta.detach().norm())
     model = Quadratic(start)
     proximal_sgd_steps(model, [start.clone()], QuadraticTrainer(), _data(), torch.Generator(),
-                       1, 0.0, cfg, torch.device("cpu"))
+                       1, 0.0, cfg, torch.device("cpu"), counts[1])
     moved.append(model.theta.detach().norm())
     model = Quadratic(start)
     prox_steps(model, [start.clone()], QuadraticTrainer(), None, steps=1, personal_lr=0.1,
-               lam=0.0, clip=cfg.clip_grad_norm)
+               lam=0.0, clip=cfg.clip_grad_norm, clip_count=counts[2])
     moved.append(model.theta.detach().norm())
     assert [float(m) for m in moved] == pytest.approx([expected] * 3, rel=1e-5)
+    # the one step's norm (4.72) is above a clip of 1; with clipping off nothing is counted
+    assert [c.share() for c in counts] == ([1.0] * 3 if clip else [None] * 3)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ditto", "pfedme", "local"])
+def test_a_rule_reports_the_share_of_its_training_steps_that_were_clipped(strategy):
+    """Steps start at theta = 0 (gradient norm 4.72) and shrink toward the minimum: a clip of
+    1 acts on the first steps only, so the share lies strictly between 0 and 1; a clip above
+    every norm reports 0 and no clip reports nothing."""
+    from fedtl.registry import STRATEGIES
+
+    def share(clip: float):
+        cfg = make_config({"lr": 0.3, "local-steps": 20, "clip-grad-norm": clip,
+                           "strategy": strategy, "personal-lr": 0.1, "pfedme-lambda": 1.0,
+                           "inner-steps": 2})
+        rule = STRATEGIES.get(strategy).client_rule()(cfg, QuadraticTrainer(),
+                                                      torch.device("cpu"))
+        rule.train(Quadratic(torch.zeros(3)), _data(), torch.Generator().manual_seed(0), {})
+        return rule.clip_metrics().get("clipped-share")
+
+    assert share(0.0) is None
+    assert share(100.0) == 0.0
+    assert 0.0 < share(1.0) < 1.0

@@ -303,7 +303,8 @@ def train(msg: Message, context: Context) -> Message:
     trainer.use_state(state, pid)  # a trainer's own state (a transfer set) is saved with it
     _seed_everything(cfg, server_round, pid, 0)
     rule = _update_rule(cfg, trainer, device)
-    metrics = rule.train(model, data, _generator(cfg, server_round, pid, 0), state)
+    metrics = {**rule.train(model, data, _generator(cfg, server_round, pid, 0), state),
+               **rule.clip_metrics()}
     weights = _shared_weights(model, trainer, state)
     if prefixes := trainer.local_prefixes():
         # keep this client's own parts; the server gets back the values it sent

@@ -23,6 +23,7 @@ from torch import nn
 from fedtl.clients.trainers.base import Trainer
 from fedtl.clients.update_rule import (
     ClientState,
+    ClipCount,
     UpdateRule,
     clip_gradients,
     keep_weights,
@@ -39,11 +40,12 @@ PERSONAL = "ditto-v"
 
 def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Trainer,
                        data: ClientData, generator: torch.Generator, steps: int, lam: float,
-                       cfg: RunConfig, device: torch.device) -> float:
+                       cfg: RunConfig, device: torch.device,
+                       clip_count: ClipCount | None = None) -> float:
     """``steps`` SGD steps on trainer loss + lam/2 ||params - anchor||^2, at ``lr`` times the
     trainer's ``lr_scale`` of each batch; returns the mean trainer loss (without the proximal
     term). ``anchor`` holds one tensor per trainable parameter, in ``model.parameters()``
-    order."""
+    order; ``clip_count`` counts the steps ``clip-grad-norm`` clipped."""
     if steps == 0:
         return float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,7 +60,7 @@ def proximal_sgd_steps(model: nn.Module, anchor: list[torch.Tensor], trainer: Tr
         loss = trainer.loss(model, batch)
         proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
         (loss + 0.5 * lam * proximal).backward()
-        clip_gradients(params, cfg.clip_grad_norm)
+        clip_gradients(params, cfg.clip_grad_norm, clip_count)
         optimizer.step()
         total += loss.detach()
     return float(total) / steps
@@ -73,10 +75,11 @@ class Ditto(UpdateRule):
     """FedAvg's local SGD for w, then lambda-regularised local training of v_i."""
 
     def _personal_steps(self, personal: nn.Module, anchor: list[torch.Tensor],
-                        data: ClientData, generator: torch.Generator) -> float:
+                        data: ClientData, generator: torch.Generator,
+                        clip_count: ClipCount | None = None) -> float:
         return proximal_sgd_steps(personal, anchor, self.trainer, data, generator,
                                   self.cfg.local_steps, self.cfg.ditto_lambda, self.cfg,
-                                  self.device)
+                                  self.device, clip_count)
 
     def train(self, model: nn.Module, data: ClientData, generator: torch.Generator,
               state: ClientState) -> dict[str, float]:
@@ -84,12 +87,12 @@ class Ditto(UpdateRule):
         anchor = trainable(model)
         # w first, from the generator's first draws: the reply equals FedAvg's for the same seed
         loss = sgd_steps(model, self.trainer, data, generator, self.cfg.local_steps, self.cfg,
-                         self.device)
+                         self.device, self.clip_count)
         reply = {k: v.detach().clone() for k, v in model.state_dict().items()}
         # then v_i, in the same module, anchored at the w the client RECEIVED (Ditto's Alg. 1)
         kept = kept_weights(self.trainer, state, PERSONAL)
         model.load_state_dict(received if kept is None else kept)
-        personal_loss = self._personal_steps(model, anchor, data, generator)
+        personal_loss = self._personal_steps(model, anchor, data, generator, self.clip_count)
         keep_weights(self.trainer, state, PERSONAL, model)
         model.load_state_dict(reply)
         return {"train-loss": loss, "personal-loss": personal_loss}

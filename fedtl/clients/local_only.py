@@ -28,7 +28,7 @@ class LocalOnly(UpdateRule):
         if (kept := kept_weights(self.trainer, state, OWN)) is not None:
             model.load_state_dict(kept)
         loss = sgd_steps(model, self.trainer, data, generator, self.cfg.local_steps, self.cfg,
-                         self.device)
+                         self.device, self.clip_count)
         keep_weights(self.trainer, state, OWN, model)
         model.load_state_dict(received)  # nothing learned is sent
         return {"train-loss": loss}

@@ -15,7 +15,7 @@ class LocalSGD(UpdateRule):
     def train(self, model: nn.Module, data: ClientData, generator: torch.Generator,
               state: ClientState) -> dict[str, float]:
         loss = sgd_steps(model, self.trainer, data, generator, self.cfg.local_steps, self.cfg,
-                         self.device)
+                         self.device, self.clip_count)
         return {"train-loss": loss}
 
     def personalized(self, model: nn.Module, scratch: nn.Module, data: ClientData,

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtl.clients.update_rule import ClientState, UpdateRule, clip_gradients, lr_scale
+from fedtl.clients.update_rule import (ClientState, ClipCount, UpdateRule, clip_gradients,
+                                      lr_scale)
 from fedtl.data import ClientData
 
 THETA = "pfedme-theta"
@@ -27,11 +28,12 @@ THETA = "pfedme-theta"
 
 def prox_steps(model: nn.Module, anchor: list[torch.Tensor], trainer, batch: Any, steps: int,
                personal_lr: float, lam: float, weight_decay: float = 0.0,
-               clip: float = 0.0) -> torch.Tensor:
+               clip: float = 0.0, clip_count: ClipCount | None = None) -> torch.Tensor:
     """K inner steps on one batch: theta <- theta - p_lr (grad f(theta) + lam (theta - anchor)).
 
     ``model``'s parameters are theta and are updated in place; returns the last loss f(theta).
-    ``clip`` > 0 scales grad f(theta) down to that L2 norm first (``clip-grad-norm``).
+    ``clip`` > 0 scales grad f(theta) down to that L2 norm first (``clip-grad-norm``);
+    ``clip_count`` counts the inner steps it clipped.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     loss = torch.zeros(())
@@ -39,7 +41,7 @@ def prox_steps(model: nn.Module, anchor: list[torch.Tensor], trainer, batch: Any
         model.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         loss.backward()
-        clip_gradients(params, clip)
+        clip_gradients(params, clip, clip_count)
         with torch.no_grad():
             for p, w in zip(params, anchor):
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -68,7 +70,7 @@ class PFedMeSolver(UpdateRule):
             scale = lr_scale(self.trainer, batch)  # a trainer's schedule scales both rates
             total += prox_steps(model, local_w, self.trainer, batch, cfg.inner_steps,
                                 cfg.personal_lr * scale, cfg.pfedme_lambda,
-                                cfg.weight_decay, cfg.clip_grad_norm).cpu()
+                                cfg.weight_decay, cfg.clip_grad_norm, self.clip_count).cpu()
             with torch.no_grad():
                 for w, theta in zip(local_w, params):
                     w.sub_(cfg.lr * scale * cfg.pfedme_lambda * (w - theta))

@@ -22,6 +22,23 @@ ClientState = MutableMapping[str, dict[str, torch.Tensor]]
 PHASE_SUFFIX = "-phase"  # state entry beside a kept model: the phase it was last trained in
 
 
+class ClipCount:
+    """How many of a client's gradient steps ``clip-grad-norm`` scaled down. The count stays
+    on the device (no synchronisation per step) until ``share`` reads it."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.clipped: torch.Tensor | int = 0
+
+    def add(self, clipped: torch.Tensor) -> None:
+        self.steps += 1
+        self.clipped = self.clipped + clipped.to(torch.int64)
+
+    def share(self) -> float | None:
+        """Clipped steps / steps counted (None before any step)."""
+        return None if self.steps == 0 else float(self.clipped) / self.steps
+
+
 class UpdateRule(ABC):
     """A client-side federated update rule."""
 
@@ -29,6 +46,13 @@ class UpdateRule(ABC):
         self.cfg = cfg
         self.trainer = trainer
         self.device = device
+        self.clip_count = ClipCount()  # the training steps of this rule's ``train`` call
+
+    def clip_metrics(self) -> dict[str, float]:
+        """``clipped-share``: the share of ``train``'s gradient steps that ``clip-grad-norm``
+        scaled down (only when clipping is on and steps were taken)."""
+        share = self.clip_count.share() if self.cfg.clip_grad_norm > 0 else None
+        return {} if share is None else {"clipped-share": share}
 
     @abstractmethod
     def train(self, model: nn.Module, data: ClientData, generator: torch.Generator,
@@ -112,18 +136,21 @@ def set_step_lr(optimizer: torch.optim.Optimizer, cfg: RunConfig, trainer: Train
         group["lr"] = cfg.lr * lr_scale(trainer, batch)
 
 
-def clip_gradients(params, max_norm: float) -> None:
+def clip_gradients(params, max_norm: float, count: ClipCount | None = None) -> None:
     """Scale the gradients of ``params`` down to L2 norm ``max_norm`` (``clip-grad-norm``; 0
-    leaves them)."""
+    leaves them); ``count`` records whether this step's norm was above it."""
     if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if count is not None:
+            count.add(norm > max_norm)
 
 
 def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: torch.Generator,
-              steps: int, cfg: RunConfig, device: torch.device) -> float:
+              steps: int, cfg: RunConfig, device: torch.device,
+              clip_count: ClipCount | None = None) -> float:
     """``steps`` mini-batch steps of the client optimizer (``local_optimizer``) on the
     trainer's loss (learning rate ``lr`` times the trainer's ``lr_scale`` of each batch);
-    returns the mean loss."""
+    returns the mean loss. ``clip_count`` counts the steps ``clip-grad-norm`` clipped."""
     if steps == 0:
         return float("nan")
     optimizer = local_optimizer(model.parameters(), cfg)
@@ -136,7 +163,7 @@ def sgd_steps(model: nn.Module, trainer: Trainer, data: ClientData, generator: t
         optimizer.zero_grad(set_to_none=True)
         loss = trainer.loss(model, batch)
         loss.backward()
-        clip_gradients(model.parameters(), cfg.clip_grad_norm)
+        clip_gradients(model.parameters(), cfg.clip_grad_norm, clip_count)
         optimizer.step()
         total += loss.detach()
     return float(total) / steps

@@ -20,13 +20,15 @@ class LocalOnly(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The weights sent this round, unchanged, and the replies' mean training loss."""
-        replies = self.in_partition_order(replies)
-        losses = [(float(m.content["metrics"]["train-loss"]),
-                   float(m.content["metrics"]["num-examples"])) for m in replies]
-        n = sum(w for _, w in losses)
-        metrics = MetricRecord({"train-loss": sum(l * w for l, w in losses) / n}) if n else None
-        return self._global, metrics
+        """The weights sent this round, unchanged, and the replies' mean training loss (and
+        clipped share), weighted by their examples."""
+        replies = [m.content["metrics"] for m in self.in_partition_order(replies)]
+        n = sum(float(m["num-examples"]) for m in replies)
+        if not n:
+            return self._global, None
+        keys = [k for k in ("train-loss", "clipped-share") if all(k in m for m in replies)]
+        return self._global, MetricRecord({
+            k: sum(float(m[k]) * float(m["num-examples"]) for m in replies) / n for k in keys})
 
 
 LOCAL = Algorithm(LocalOnly.from_config, "fedtl.clients.local_only:LocalOnly",
