@@ -89,10 +89,10 @@ def error_reason(message: Message) -> str:
     """The readable part of a client's error reply. Flower wraps the exception text:
     ``<class 'ValueError'>:<'text'>`` from a SuperNode, ``... Message: text`` in simulation,
     where Ray's traceback of the actor may come first and end in the same wrapping (the
-    text is after the last one)."""
+    text is after the last one). The two can nest: a class wrapping around Ray's traceback."""
     reason = message.error.reason
     if wrapped := re.fullmatch(r"<class '[^']*'>:<'(.*)'>", reason.strip(), re.DOTALL):
-        return wrapped.group(1).strip()
+        reason = wrapped.group(1)
     marker = "occurred. Message: "
     if marker in reason:
         reason = reason.rsplit(marker, 1)[1]

@@ -211,8 +211,10 @@ def test_error_reasons_are_read_from_both_of_flowers_wrappings():
            "\x1b[39m (pid=1, ...)\n  File \"client_app.py\", line 316, in train\nRuntimeError: "
            "data-path 'x': bad\n\nflwr.clientapp.client_app.ClientAppException: \nException "
            "ClientAppException occurred. Message: data-path 'x': bad")
+    nested = f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'{ray.strip()}'>"
     for wrapped in ("<class 'fedtl.data.local.LocalDataError'>:<'data-path 'x': bad'>",
-                    "\nException LocalDataError occurred. Message: data-path 'x': bad", ray):
+                    "\nException LocalDataError occurred. Message: data-path 'x': bad", ray,
+                    nested):
         reply = Message(Error(code=2, reason=wrapped), reply_to=request)
         assert error_reason(reply) == "data-path 'x': bad"
 
