@@ -20,15 +20,12 @@ class LocalOnly(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The weights sent this round, unchanged, and the replies' mean training loss (and
-        clipped share), weighted by their examples."""
-        replies = [m.content["metrics"] for m in self.in_partition_order(replies)]
-        n = sum(float(m["num-examples"]) for m in replies)
-        if not n:
+        """The weights sent this round, unchanged, and the replies' metrics (training loss,
+        clipped share, ...) averaged by their examples, as FedAvg averages them."""
+        records = [m.content for m in self.in_partition_order(replies)]
+        if not sum(float(r["metrics"][self.weighted_by_key]) for r in records):
             return self._global, None
-        keys = [k for k in ("train-loss", "clipped-share") if all(k in m for m in replies)]
-        return self._global, MetricRecord({
-            k: sum(float(m[k]) * float(m["num-examples"]) for m in replies) / n for k in keys})
+        return self._global, self.train_metrics_aggr_fn(records, self.weighted_by_key)
 
 
 LOCAL = Algorithm(LocalOnly.from_config, "fedtl.clients.local_only:LocalOnly",
