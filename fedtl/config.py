@@ -241,6 +241,10 @@ _KEYS: list[Key] = [
         "keeps its own)", "domain adaptation"),
     Key("dann-lr-annealing", True, "dann: anneal the local learning rates by 1/(1+10p)^0.75",
         "domain adaptation"),
+    Key("dann-domain-loss", "sum-of-domain-means", "dann: the domain term, the paper's mean "
+        "over the source batch plus mean over the target batch, or tllib's pooled-mean over "
+        "both (half of it for equal batches)", "domain adaptation",
+        _one_of("sum-of-domain-means", "pooled-mean")),
     Key("adda-source-rounds", 10, "adda: rounds of stage 1 (source training); the rest of "
         "num-rounds adapt the target encoder", "domain adaptation", _at_least(1)),
     Key("adda-adapt-optimizer", "adam", "adda: client optimizer in stage 2 (the paper's Adam; "

@@ -480,9 +480,10 @@ def test_dann_normalises_each_domain_with_its_own_batch_statistics(batch_norm):
     xs, xt = torch.randn(6, 3, CROP, CROP, generator=g), torch.randn(5, 3, CROP, CROP, generator=g) + 2
     ys = torch.arange(6) % 10
     fs, ft = model.features(xs), model.features(xt)  # one pass per domain
-    d = torch.tensor([0] * 6 + [1] * 5)
-    expected = (torch.nn.functional.cross_entropy(model.classifier(fs), ys)
-                + torch.nn.functional.cross_entropy(model.domain_head(torch.cat([fs, ft])), d))
+    ce = torch.nn.functional.cross_entropy
+    # the paper's domain term: one mean per domain, summed
+    expected = (ce(model.classifier(fs), ys) + ce(model.domain_head(fs), torch.zeros(6).long())
+                + ce(model.domain_head(ft), torch.ones(5).long()))
     loss = trainer.loss(model, DomainBatch(xs, ys, xt, 0.5))
     assert torch.allclose(loss, expected, atol=1e-6)
     joint = model.features(torch.cat([xs, xt]))  # one pass over both: differs only with BN
@@ -507,3 +508,26 @@ def test_adam_is_refused_where_pfedme_runs_its_own_solver():
         make_config({**DA, "trainer": "adda", "strategy": "pfedme"})
     make_config({**DA, "trainer": "adda", "strategy": "pfedme", "adda-adapt-optimizer": "sgd",
                  "adda-adapt-lr": 0.01})
+
+
+def test_dann_domain_term_is_the_papers_sum_of_domain_means_or_tllibs_pooled_mean():
+    xs, xt = torch.randn(6, 3, CROP, CROP), torch.randn(2, 3, CROP, CROP) + 1
+    ys = torch.arange(6) % 10
+    ce = torch.nn.functional.cross_entropy
+    terms = {}
+    for choice in ("sum-of-domain-means", "pooled-mean"):
+        cfg = make_config({**DA, "dann-domain-loss": choice})
+        trainer = DANNTrainer(cfg)
+        model = trainer.build_model(dataset_spec(cfg), seed=0)
+        fs, ft = model.features(xs), model.features(xt)
+        label_loss = ce(model.classifier(fs), ys)
+        terms[choice] = trainer.loss(model, DomainBatch(xs, ys, xt, 0.5)) - label_loss
+        source_ce = ce(model.domain_head(fs), torch.zeros(6).long(), reduction="sum")
+        target_ce = ce(model.domain_head(ft), torch.ones(2).long(), reduction="sum")
+        expected = (source_ce / 6 + target_ce / 2 if choice == "sum-of-domain-means"
+                    else (source_ce + target_ce) / 8)
+        torch.testing.assert_close(terms[choice], expected)
+    # unequal batches: the two differ by more than a factor of two
+    assert not torch.allclose(terms["sum-of-domain-means"], 2 * terms["pooled-mean"])
+    with pytest.raises(ConfigError, match="dann-domain-loss"):
+        make_config({**DA, "dann-domain-loss": "sum"})

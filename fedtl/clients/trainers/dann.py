@@ -4,9 +4,11 @@ Parts: the feature extractor G_f (the model up to its last linear layer), the la
 G_y (that layer) and a domain head G_d (features -> 100 -> 2). One step on a batch of labelled
 source and unlabelled target images minimises
 
-    CE(G_y(G_f(x_s)), y_s) + CE(G_d(R_lambda(G_f(x))), d),   d = 0 for source, 1 for target,
+    CE(G_y(G_f(x_s)), y_s) + mean_s CE(G_d(R_lambda(G_f(x_s))), 0)
+                           + mean_t CE(G_d(R_lambda(G_f(x_t))), 1),
 
-where the gradient reversal layer R_lambda is the identity forward and multiplies the gradient
+the domain term being a mean over each domain's batch, summed over the two domains, as in
+the paper (JMLR 2016, eq. 9: (1/n) sum over source + (1/n') sum over target), where the gradient reversal layer R_lambda is the identity forward and multiplies the gradient
 by -lambda backward: G_d learns to tell the domains apart while G_f learns features it cannot.
 lambda_p = 2 / (1 + exp(-10 p)) - 1 and, by default, the learning rates follow
 mu_p = mu_0 / (1 + 10 p)^0.75, with p the progress over the WHOLE federated run (rounds and
@@ -101,9 +103,10 @@ class DANNTrainer(DomainTrainer):
         batch-norm layers (``batch-norm = true``) normalise every domain with its own batch
         statistics during training (their running statistics, used at evaluation, mix both
         domains; tllib instead passes both batches together); without batch norm this equals
-        one pass over both batches. The domain loss is the mean over both batches together,
-        as in tllib: half the paper's sum of a per-domain mean for each domain when the two
-        batches are the same size.
+        one pass over both batches. The domain term is, by default, the paper's sum of one
+        mean per domain; ``dann-domain-loss = "pooled-mean"`` takes tllib's mean over both
+        batches together instead, half of it when the two batches are the same size. A
+        client holding one domain only gets that domain's mean under either.
         """
         features, domain = [], []
         loss = None
@@ -119,5 +122,10 @@ class DANNTrainer(DomainTrainer):
             return zero_loss(model)
         reversed_features = grad_reverse(torch.cat(features), grl_lambda(batch.progress))
         logits = model.domain_head(reversed_features)
-        domain_loss = F.cross_entropy(logits, torch.cat(domain).to(logits.device))
+        per_sample = F.cross_entropy(logits, torch.cat(domain).to(logits.device),
+                                     reduction="none")
+        if self.cfg.dann_domain_loss == "pooled-mean":
+            domain_loss = per_sample.mean()
+        else:
+            domain_loss = sum(part.mean() for part in per_sample.split([len(f) for f in features]))
         return domain_loss if loss is None else loss + domain_loss
