@@ -187,6 +187,9 @@ _KEYS: list[Key] = [
         "self-supervised", _at_least(2)),
     Key("temperature", 0.1, "instance-spreading: softmax temperature tau", "self-supervised",
         _positive),
+    Key("spreading-loss", "paper", "instance-spreading: the paper's J (augmented copies as "
+        "anchors over the batch's instances) or the official code's symmetric form (both views "
+        "as anchors over the other 2N-1)", "self-supervised", _one_of("paper", "symmetric")),
     Key("projector-dim", 512, "barlow-twins: width of the projector's two layers",
         "self-supervised", _at_least(2)),
     Key("barlow-lambda", 0.005, "barlow-twins: weight lambda of the off-diagonal terms",

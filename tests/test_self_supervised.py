@@ -14,7 +14,10 @@ from flwr.app import ArrayRecord
 from fedtl.clients.client_app import LOCAL_PARTS, _receive, _shared_weights
 from fedtl.clients.state import ClientStateStore
 from fedtl.clients.trainers.barlow_twins import BarlowTwinsLoss, barlow_twins_loss
-from fedtl.clients.trainers.instance_spreading import instance_spreading_loss
+from fedtl.clients.trainers.instance_spreading import (
+    instance_spreading_loss,
+    symmetric_spreading_loss,
+)
 from fedtl.clients.trainers.self_supervised import encoder_scores, labelled_union
 from fedtl.config import ConfigError, make_config
 from fedtl.data import federated_data
@@ -63,6 +66,50 @@ def test_instance_spreading_loss_rewards_spread_instances():
     crowded = unit([1, 0.1, 0], [1, 0, 0.1], [1, 0.1, 0.1])
     assert instance_spreading_loss(spread, spread, 0.1) < instance_spreading_loss(
         crowded, crowded, 0.1)
+
+
+def test_symmetric_spreading_matches_hand_computed_values():
+    # orthogonal instances, exact views, tau = 1: every anchor sees its positive at
+    # similarity 1 and two others at 0 (its own similarity is left out), so
+    # P(pos) = e / (e + 2), P(other) = 1 / (e + 2), four anchors, two negatives each, / 2N = 4
+    f = unit([1, 0], [0, 1])
+    z = math.e + 2
+    expected = -(math.log(math.e / z) + 2 * math.log(1 - 1 / z))
+    assert float(symmetric_spreading_loss(f, f, 1.0)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_symmetric_spreading_is_the_official_batch_criterion():
+    # the official BatchCriterion's arithmetic, written out: exp similarities without the
+    # diagonal, positives at the other view, log(1 - P) over the rest, / 2N; the second
+    # factor of every similarity detached
+    g = torch.Generator().manual_seed(1)
+    f = F.normalize(torch.randn(6, 5, generator=g), dim=1).requires_grad_()
+    f_hat = F.normalize(torch.randn(6, 5, generator=g), dim=1).requires_grad_()
+    x = torch.cat([f, f_hat])
+    n2, tau = 12, 0.1
+    partner = torch.cat([x[6:], x[:6]])
+    pos = (x * partner.detach()).sum(1).div(tau).exp()
+    all_prob = (x @ x.detach().T).div(tau).exp() * (1 - torch.eye(n2))
+    all_div = all_prob.sum(1)
+    p_pos = pos / all_div
+    p_on = all_prob / all_div[:, None]
+    log_neg = torch.log(1 - p_on).sum(1) - torch.log(1 - p_pos)
+    reference = -(torch.log(p_pos).sum() + log_neg.sum()) / n2
+    ours = symmetric_spreading_loss(f, f_hat, tau)
+    torch.testing.assert_close(ours, reference)
+    grads = torch.autograd.grad(ours, [f, f_hat])
+    expected = torch.autograd.grad(reference, [f, f_hat])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_symmetric_spreading_decreases_as_positives_align():
+    g = torch.Generator().manual_seed(0)
+    f = F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    other = F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    losses = [float(symmetric_spreading_loss(f, F.normalize((1 - t) * other + t * f, dim=1),
+                                             0.1)) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(a > b for a, b in itertools.pairwise(losses)), losses
 
 
 # --- Barlow Twins ----------------------------------------------------------------------------
