@@ -79,7 +79,7 @@ def ceiling(cfg, steps: int, eval_every: int, threads: int) -> list[dict]:
         loss.backward()
         clip_gradients(model.parameters(), cfg.clip_grad_norm)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % eval_every == 0 or step == steps:
             record(step)
     return rows

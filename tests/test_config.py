@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 import time
@@ -298,3 +299,20 @@ def test_domain_adaptation_seeds_run_each_method_per_seed_and_print_the_gains(tm
     out = capsys.readouterr().out
     assert "digits -> mnist (seed 1)" in out
     assert "| dann | +10.00 | +20.00 | +15.00 | 0 |" in out
+
+
+def test_ssl_ceiling_starts_from_the_random_encoder_and_trains_it():
+    from fedtl.clients.trainers.self_supervised import encoder_scores
+
+    bench = _benchmark("ssl_ceiling")
+    values = bench._benchmark_settings()("digits", "barlow-twins", 0.1, "")
+    cfg = make_config({**values, "num-clients": 3, "batch-size": 16})
+    rows = bench.ceiling(cfg, steps=3, eval_every=2, threads=1)
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    assert rows[0]["train_loss"] is None and all(math.isfinite(r["train_loss"]) for r in rows[1:])
+    # step 0 is the benchmark's random-encoder baseline: the same seeded initialisation
+    random = encoder_scores(cfg)
+    assert rows[0]["pooled_probe_accuracy"] == random["pooled_probe_accuracy"]
+    assert rows[-1]["pooled_knn_accuracy"] != random["pooled_knn_accuracy"]  # it trained
+    with pytest.raises(SystemExit):
+        bench.main(["--dataset", "digits", "--steps", "0"])
