@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fedtl.config import KEYS, ConfigError, resolve
 
@@ -82,7 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nfedtl: interrupted; finished rounds are in {run_dir.path}; "
               f"continue with: fedtl run --resume {run_dir.path}", file=sys.stderr)
-        return 130
+        _exit_interrupted()
     if not args.no_plots:
         from fedtl.plots import plot_run
 
@@ -207,7 +209,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nfedtl: interrupted; finished cells and rounds are in {out}; continue with: "
               f"{command} --resume", file=sys.stderr)
-        return 130
+        _exit_interrupted()
     for cell, reason in outcome.failures.items():
         print(f"fedtl: cell {cell} failed: {reason}", file=sys.stderr)
     print(json.dumps({"bench_dir": str(outcome.out), "report": str(outcome.report_dir),
@@ -284,6 +286,19 @@ def parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set dataset=mnist")
     check.set_defaults(func=_cmd_deploy_check_data)
     return p
+
+
+def _exit_interrupted() -> NoReturn:
+    """End the process with status 130 at once, once an interrupt has been reported.
+
+    An interrupted simulation leaves Flower's message workers (threads of a
+    ThreadPoolExecutor) blocked in ``ray.get`` on actors Ray has already stopped; a normal
+    exit joins those threads and would wait forever. Nothing is lost by not waiting: the
+    run directory is written atomically round by round and resumes after a SIGKILL too.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,33 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.e2e
+def test_sigint_mid_run_exits_promptly_and_leaves_a_resumable_run(tmp_path):
+    # SIGINT to the run's process alone, as `timeout -s INT` or a job scheduler sends it:
+    # the run used to print its message, then hang at exit on Flower's message workers
+    out = tmp_path / "run"
+    run = _fedtl(["run", "--out", str(out), "--no-plots", "--set", "num-clients=4",
+                  "--set", "num-rounds=500", "--set", "model=mlr"], tmp_path,
+                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rounds = out / "rounds.jsonl"
+            if rounds.exists() and len(rounds.read_text().splitlines()) >= 2:
+                break
+            assert run.poll() is None, run.communicate()[1][-2000:]
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, err[-2000:]
+    assert "fedtl: interrupted; finished rounds are in" in err
+    assert 2 <= len(RunDirectory(out).rounds()) < 500
+    assert (out / "checkpoint.pt").is_file()
+
+
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys):
     cfg = make_config({"out-dir": str(tmp_path)})
     run_dir = RunDirectory.create(cfg)
